@@ -1,0 +1,177 @@
+"""The client's end of the connection: handshake, frames out, replies in.
+
+A reader thread receives every frame the controller sends and files replies by
+request number; callers wait on the request they made. Socket errors never
+escape: they become :class:`ConnectError` while connecting and
+:class:`ClusterLost` afterwards.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from . import protocol as P
+from .connection import ConnectionInfo
+from .errors import AuthenticationError, ClusterLost, ConnectError, ProtocolError
+
+log = logging.getLogger(__name__)
+_IOV_MAX = 512
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, pos = memoryview(buf), 0
+    while pos < n:
+        got = sock.recv_into(view[pos:])
+        if got == 0:
+            raise EOFError("connection closed")
+        pos += got
+    return bytes(buf)
+
+
+class Channel:
+    """An authenticated connection to a controller, shared by the client's threads."""
+
+    def __init__(self, info: ConnectionInfo, path: str, timeout: float = 10.0,
+                 max_message: int = P.DEFAULT_MAX_MESSAGE) -> None:
+        self.where = f"{info.ip}:{info.port} (from {path})"
+        try:
+            sock = socket.create_connection((info.ip, info.port), timeout=timeout)
+        except OSError as e:
+            raise ConnectError(
+                f"cannot reach the controller at {self.where}: {e.strerror or e}. "
+                f"Is the cluster still running? ('mpiengine status')") from e
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            key = info.key_bytes
+            hello = _recv_exact(sock, P.HELLO_SIZE)
+            auth, nonce_s, nonce_c = P.client_auth(key, hello)
+            sock.sendall(auth)
+            try:
+                proof = _recv_exact(sock, P.PROOF_SIZE)
+            except (EOFError, ConnectionError):
+                raise AuthenticationError(
+                    f"the controller at {self.where} refused the key: the connection "
+                    f"file does not belong to this cluster") from None
+            keys = P.client_check_proof(key, nonce_s, nonce_c, proof)
+        except AuthenticationError:  # before OSError: it is a ConnectionError too
+            sock.close()
+            raise
+        except socket.timeout as e:
+            sock.close()
+            raise ConnectError(f"the controller at {self.where} did not answer "
+                               f"within {timeout} s") from e
+        except (OSError, EOFError, ProtocolError) as e:
+            sock.close()
+            raise ConnectError(f"handshake with {self.where} failed: {e}") from e
+        sock.settimeout(None)
+        self.sock = sock
+        self.sender = P.Sender(keys.send)
+        self.parser = P.FrameParser(keys.recv, max_message)
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._replies: Dict[int, P.Frame] = {}
+        self._reqs = itertools.count(1)
+        self.broken: Optional[BaseException] = None
+        self.closed = False
+        self.on_event: Optional[Callable[[P.Frame], None]] = None
+        self._reader = threading.Thread(target=self._read_loop, name="mpiengine-reader",
+                                        daemon=True)
+        self._reader.start()
+
+    # --- sending ---------------------------------------------------------------------------
+    def request(self, kind: int, meta: dict, parts: List[Any] = ()) -> int:
+        """Send a request; return its number, which its reply will carry."""
+        self._check()
+        req = next(self._reqs)
+        with self._send_lock:
+            chunks = self.sender.encode(kind, dict(meta, req=req), parts)
+            try:
+                self._sendv([memoryview(c).cast("B") for c in chunks])
+            except OSError as e:
+                self._fail(e)
+                self._check()
+        return req
+
+    def _sendv(self, views: List[memoryview]) -> None:
+        i = 0
+        while i < len(views):
+            n = self.sock.sendmsg(views[i:i + _IOV_MAX])
+            while n and i < len(views):
+                if n >= views[i].nbytes:
+                    n -= views[i].nbytes
+                    i += 1
+                else:
+                    views[i] = views[i][n:]
+                    n = 0
+
+    # --- receiving ---------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                view = self.parser.want()
+                n = self.sock.recv_into(view)
+                if n == 0:
+                    raise EOFError("the controller closed the connection")
+                frame = self.parser.advance(n)
+                if frame is None:
+                    continue
+                req = frame.meta.get("req")
+                if req is None:
+                    if self.on_event is not None:
+                        self.on_event(frame)
+                    continue
+                with self._cond:
+                    self._replies[req] = frame
+                    self._cond.notify_all()
+        except BaseException as e:  # noqa: B902 - every way out must wake the waiters
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        with self._cond:
+            if self.broken is None:
+                self.broken = e
+            self._cond.notify_all()
+
+    def _check(self) -> None:
+        if self.closed:
+            raise ValueError("this client is closed; create a new MultiEngineClient")
+        if self.broken is not None:
+            raise ClusterLost(
+                f"lost the connection to the controller at {self.where}: "
+                f"{self.broken or type(self.broken).__name__}. The cluster stopped or "
+                f"died; 'mpiengine status' tells which") from self.broken
+
+    def wait(self, req: int, timeout: Optional[float]) -> Optional[P.Frame]:
+        """Return the reply to ``req``, or None if ``timeout`` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while req not in self._replies:
+                if self.closed or self.broken is not None:
+                    self._check()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                # Short slices keep Ctrl-C responsive on every platform.
+                self._cond.wait(0.25 if remaining is None else min(remaining, 0.25))
+            return self._replies.pop(req)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self.broken is None:
+            try:
+                self.request(P.CLOSE, {})
+            except (ClusterLost, ValueError):
+                pass
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self._reader.join(timeout=2.0)

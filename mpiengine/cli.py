@@ -1,0 +1,99 @@
+"""The ``mpiengine`` command: serve, start, stop, status.
+
+``serve`` is what runs under mpiexec (every rank); the other verbs are for the
+user's shell and never import mpi4py.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from . import connection
+
+EPILOG = """examples:
+  mpiexec -n 5 python -m mpiengine serve        controller + 4 engines, in the foreground
+  mpiengine start -n 4                           a local cluster in the background
+  mpiengine status                               its engines
+  mpiengine stop                                 shut it down
+"""
+
+
+def _add_where(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=None,
+                   help="cluster name; its connection file is "
+                        "~/.mpiengine/security/controller-PROFILE.json (default: 'default')")
+    p.add_argument("--connection-file", default=None, metavar="PATH",
+                   help="use this connection file instead of the profile's")
+
+
+def _add_listen(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ip", default="127.0.0.1",
+                   help="address, interface name (eth0) or '*' to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="TCP port (default: any free port)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpiengine", description="Drive an MPI job interactively from IPython or Jupyter.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    p = sub.add_parser("serve", help="run as one rank of 'mpiexec -n N+1' (rank 0: controller)")
+    _add_where(p)
+    _add_listen(p)
+    p.add_argument("--max-message-size", type=int, default=None, metavar="BYTES",
+                   help="refuse client messages larger than this (default 16 GiB)")
+
+    p = sub.add_parser("start", help="start a local cluster in the background")
+    p.add_argument("-n", "--engines", type=int, required=True, metavar="N",
+                   help="number of engines (mpiexec gets N+1 ranks)")
+    _add_where(p)
+    _add_listen(p)
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for every engine to answer (default 120)")
+
+    for verb, text in (("stop", "shut a cluster down"), ("status", "list a cluster's engines")):
+        p = sub.add_parser(verb, help=text)
+        _add_where(p)
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if os.environ.get("MPIENGINE_DEBUG") else logging.WARNING,
+        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    if args.verb is None:
+        build_parser().print_help()
+        return 2
+    try:
+        path = connection.resolve_path(args.connection_file, args.profile)
+    except ValueError as e:
+        print(f"mpiengine: {e}", file=sys.stderr)
+        return 2
+    if args.verb == "serve":
+        from . import runtime  # imports mpi4py: only ever under mpiexec
+
+        kw = {}
+        if args.max_message_size:
+            kw["max_message"] = args.max_message_size
+        return runtime.serve(runtime.ServeOptions(
+            connection_file=path, profile=args.profile or "default", ip=args.ip,
+            port=args.port, **kw))
+
+    from . import launcher
+
+    try:
+        if args.verb == "start":
+            return launcher.start(args.engines, path, args.profile, args.ip, args.port,
+                                  args.timeout)
+        if args.verb == "stop":
+            return launcher.stop(path, args.timeout)
+        return launcher.status(path, args.timeout)
+    except launcher.LaunchError as e:
+        print(f"mpiengine {args.verb}: {e}", file=sys.stderr)
+        return 1

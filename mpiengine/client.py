@@ -1,0 +1,366 @@
+"""``MultiEngineClient``: drive the engines of a running cluster.
+
+    from mpiengine import client
+    mec = client.MultiEngineClient()          # the default profile's cluster
+    mec.execute('a = comm.rank')
+    mec.pull('a')                             # [0, 1, 2, 3]
+
+Every engine call takes ``targets`` ('all', an engine id, or a list of ids) and
+``block``; when they are not given, the client's ``targets`` and ``block``
+attributes apply. A blocking call returns the result; a non-blocking one returns
+a :class:`PendingResult` at once. When engines fail, a :class:`CompositeError`
+holds each engine's error. This module imports neither mpi4py nor IPython.
+"""
+from __future__ import annotations
+
+import secrets
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from . import connection, partition, payload
+from . import protocol as P
+from .channel import Channel
+from .errors import (ClusterLost, CommandTimeout, CompositeError, ConnectError,  # noqa: F401
+                     ErrorRecord, RemoteError)
+from .results import _NOT_READY, PendingResult, ResultList
+
+__all__ = ["MultiEngineClient", "CompositeError", "PendingResult", "ResultList",
+           "RemoteError", "ConnectError", "ClusterLost", "CommandTimeout"]
+
+Targets = Union[str, int, Sequence[int], None]
+
+
+class MultiEngineClient:
+    """A connection to one cluster's controller, and the multiengine interface over it.
+
+    ``MultiEngineClient(path)`` reads that connection file; ``profile='P'`` reads
+    the file of profile P; with neither, ``$MPIENGINE_CONNECTION_FILE`` or the
+    default profile's file is used. ``timeout`` bounds connecting, in seconds.
+    """
+
+    def __init__(self, path: Optional[str] = None, profile: Optional[str] = None,
+                 timeout: float = 10.0) -> None:
+        self.path = connection.resolve_path(path, profile)
+        self.info = connection.read(self.path)
+        self._chan = Channel(self.info, self.path, timeout=timeout)
+        meta = self._control(P.INFO, {}, timeout=timeout)
+        self.engines: List[dict] = meta["engines"]
+        self._ids = list(range(int(meta["n_engines"])))
+        self._token = secrets.token_hex(6)
+        self._count = 0
+        self._last: Any = None
+        self.block = True
+        self.targets: Targets = "all"
+
+    def __repr__(self) -> str:
+        return (f"<MultiEngineClient {len(self._ids)} engines at "
+                f"{self.info.ip}:{self.info.port} block={self.block} targets={self.targets!r}>")
+
+    def __enter__(self) -> "MultiEngineClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- defaults and validation ---------------------------------------------------------
+    def get_ids(self) -> List[int]:
+        """Return the engine ids, ``[0, 1, ..., N-1]``."""
+        return list(self._ids)
+
+    def _targets(self, targets: Targets) -> Tuple[Any, List[int]]:
+        spec = self.targets if targets is None else targets
+        n = len(self._ids)
+        if spec == "all" or spec is None:
+            return "all", list(self._ids)
+        if isinstance(spec, bool) or not isinstance(spec, (int, list, tuple, range)):
+            raise ValueError(f"targets must be 'all', an engine id or a list of engine ids; "
+                             f"got {spec!r}")
+        ids = [spec] if isinstance(spec, int) else list(spec)
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+        if not ids or bad:
+            raise ValueError(f"targets must be engine ids in 0..{n - 1}; got {spec!r}")
+        ids = sorted(set(ids))
+        return ids, ids
+
+    def _block(self, block: Optional[bool]) -> bool:
+        return bool(self.block if block is None else block)
+
+    # --- the request machinery -------------------------------------------------------------
+    def _control(self, kind: int, meta: dict, timeout: Optional[float] = None) -> dict:
+        """A request the controller answers itself."""
+        req = self._chan.request(kind, meta)
+        frame = self._chan.wait(req, timeout)
+        if frame is None:
+            raise CommandTimeout(f"the controller did not answer {P.kind_name(kind)} "
+                                 f"within {timeout} s")
+        _raise_refusal(frame)
+        return frame.meta
+
+    def _submit(self, kind: int, targets: Targets, block: Optional[bool],
+                timeout: Optional[float], meta: dict, parts: List[Any] = (),
+                finish: Optional[Callable[[List[Any]], Any]] = None) -> Any:
+        spec, ids = self._targets(targets)
+        block = self._block(block)
+        rid = f"{self._token}-{self._count}"
+        self._count += 1
+        method = P.kind_name(kind)
+
+        def decode(frame: P.Frame) -> Any:
+            values = _decode(frame, method)
+            return finish(values) if finish else values
+
+        pr = PendingResult(self, rid, method, decode)
+        pr._reply_req = self._chan.request(
+            kind, dict(meta, targets=spec, result_id=rid, block=block), list(parts))
+        if kind == P.EXECUTE:
+            self._last = pr
+        if not block:
+            return pr
+        result = pr.get_result(block=True, timeout=timeout)
+        if kind == P.EXECUTE:
+            self._last = result
+        return result
+
+    def _fetch(self, pr: PendingResult, block: bool, timeout: Optional[float]) -> Any:
+        """Return the reply frame for ``pr``, or ``_NOT_READY``."""
+        if pr._reply_req is None:
+            pr._reply_req = self._chan.request(P.FETCH, {"result_id": pr.result_id,
+                                                         "block": block})
+        # Without block the controller answers at once, ready or not.
+        frame = self._chan.wait(pr._reply_req, timeout if block else 30.0)
+        if frame is None:
+            return _NOT_READY  # the request stays under way; a later call reuses it
+        pr._reply_req = None
+        if frame.kind == P.NOT_READY:
+            return _NOT_READY
+        return frame
+
+    def get_pending(self, result_id: str) -> PendingResult:
+        """Return a PendingResult for a result id from this or an earlier client."""
+        return PendingResult(self, str(result_id), "fetch", lambda f: _decode(f, "fetch"))
+
+    # --- running code ------------------------------------------------------------------------
+    def execute(self, lines: str, targets: Targets = None, block: Optional[bool] = None,
+                timeout: Optional[float] = None) -> Any:
+        """Run ``lines`` of Python on each target; return a ResultList of per-engine dicts."""
+        if not isinstance(lines, str):
+            raise TypeError(f"execute takes the code as a string; got {type(lines).__name__}")
+        return self._submit(P.EXECUTE, targets, block, timeout, {"code": lines},
+                            finish=ResultList)
+
+    def last_result(self) -> Any:
+        """Return what the last ``execute`` of this client returned."""
+        return self._last
+
+    def barrier(self, pending: Sequence[PendingResult]) -> None:
+        """Wait until every PendingResult in ``pending`` is done (errors stay in them)."""
+        for pr in pending:
+            if not isinstance(pr, PendingResult):
+                raise TypeError(f"barrier takes PendingResults; got {type(pr).__name__}")
+            pr.wait()
+
+    # --- moving objects ------------------------------------------------------------------------
+    def push(self, namespace: Dict[str, Any], targets: Targets = None,
+             block: Optional[bool] = None, timeout: Optional[float] = None) -> Any:
+        """Bind each name of the dict ``namespace`` on each target."""
+        if not isinstance(namespace, dict) or not all(isinstance(k, str) for k in namespace):
+            raise TypeError("push takes a dict of names to values, "
+                            f"e.g. push(dict(a=1)); got {type(namespace).__name__}")
+        data, buffers = payload.dumps(namespace)
+        return self._submit(P.PUSH, targets, block, timeout, {"names": sorted(namespace)},
+                            [data, *buffers], finish=_nones)
+
+    push_function = push
+
+    def pull(self, keys: Union[str, Sequence[str]], targets: Targets = None,
+             block: Optional[bool] = None, timeout: Optional[float] = None) -> Any:
+        """Return a list with the value of ``keys`` (a name or a tuple) on each target."""
+        names, single = _names(keys)
+        return self._submit(P.PULL, targets, block, timeout,
+                            {"names": names, "single": single})
+
+    pull_function = pull
+
+    def zip_pull(self, keys: Sequence[str], targets: Targets = None,
+                 block: Optional[bool] = None, timeout: Optional[float] = None) -> Any:
+        """Pull several names and return one tuple per name across the targets."""
+        names, _ = _names(keys)
+        return self._submit(P.PULL, targets, block, timeout, {"names": names, "single": False},
+                            finish=lambda vals: list(zip(*vals)))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.push({key: value})
+
+    def __getitem__(self, key: str) -> Any:
+        return self.pull(key)
+
+    def keys(self, targets: Targets = None, block: Optional[bool] = None,
+             timeout: Optional[float] = None) -> Any:
+        """Return the list of names defined on each target."""
+        return self._submit(P.KEYS, targets, block, timeout, {})
+
+    def reset(self, targets: Targets = None, block: Optional[bool] = None,
+              timeout: Optional[float] = None) -> Any:
+        """Clear the namespace of each target (``comm`` stays)."""
+        return self._submit(P.RESET, targets, block, timeout, {}, finish=_nones)
+
+    # --- scatter, gather, map ---------------------------------------------------------------
+    def scatter(self, key: str, seq: Any, targets: Targets = None,
+                block: Optional[bool] = None, timeout: Optional[float] = None) -> Any:
+        """Split ``seq`` into contiguous parts and bind part i to ``key`` on target i."""
+        _check_name(key)
+        _, ids = self._targets(targets)
+        meta, parts, counts = _scatter_payload(seq, len(ids), "scatter")
+        return self._submit(P.SCATTER, targets, block, timeout,
+                            dict(meta, name=key, counts=counts), parts, finish=_nones)
+
+    def gather(self, key: str, targets: Targets = None, block: Optional[bool] = None,
+               timeout: Optional[float] = None) -> Any:
+        """Collect ``key`` from the targets and join the parts in engine order."""
+        _check_name(key)
+        return self._submit(P.GATHER, targets, block, timeout, {"name": key},
+                            finish=partition.join)
+
+    def map(self, func: Callable, *seqs: Any, targets: Targets = None,
+            block: Optional[bool] = None, timeout: Optional[float] = None) -> Any:
+        """Return ``list(map(func, *seqs))``, computed on the targets in parallel."""
+        if not callable(func):
+            raise TypeError(f"map needs a callable first; got {type(func).__name__}")
+        if not seqs:
+            raise TypeError("map needs at least one sequence")
+        seqs = tuple(partition.as_sequence(s, "map") for s in seqs)
+        n = min(len(s) for s in seqs)
+        _, ids = self._targets(targets)
+        data, buffers = payload.dumps(func)
+        pieces = [[list(s[a:b]) for s in seqs] for a, b in partition.bounds(n, len(ids))]
+        blobs = [_inband(p) for p in pieces]
+        counts = [len(b) for b in blobs]
+        return self._submit(P.APPLY, targets, block, timeout, {"kind": "pickle", "counts": counts},
+                            [data, *buffers, b"".join(blobs)], finish=partition.join)
+
+    def mapper(self, dist: str = "b", targets: Targets = None,
+               block: Optional[bool] = None) -> "Mapper":
+        """Return an object whose ``map`` uses these targets and block mode."""
+        return Mapper(self, dist, targets, block)
+
+    def parallel(self, dist: str = "b", targets: Targets = None,
+                 block: Optional[bool] = None) -> Callable[[Callable], "ParallelFunction"]:
+        """Decorate a function so that calling it on sequences maps it in parallel."""
+        mapper = self.mapper(dist, targets, block)
+        return lambda func: ParallelFunction(func, mapper)
+
+    # --- the cluster ---------------------------------------------------------------------------
+    def queue_status(self) -> List[Tuple[int, dict]]:
+        """Return ``[(id, {'pending': running command, 'queue': [waiting]}), ...]``."""
+        return [(i, d) for i, d in self._control(P.QUEUE_STATUS, {}, timeout=30.0)["status"]]
+
+    def shutdown(self) -> None:
+        """Stop the engines and the controller, then close this client."""
+        self._control(P.SHUTDOWN, {}, timeout=30.0)
+        self.close()
+
+    def close(self) -> None:
+        """Close this client's connection; the cluster keeps running."""
+        self._chan.close()
+
+    def activate(self) -> None:
+        """Make this client the target of the %px, %autopx and %result magics."""
+        from . import magics  # IPython is imported only when magics are wanted
+
+        magics.activate(self)
+
+
+class Mapper:
+    """``map`` bound to a fixed choice of targets and block mode."""
+
+    def __init__(self, client: MultiEngineClient, dist: str, targets: Targets,
+                 block: Optional[bool]) -> None:
+        if dist != "b":
+            raise ValueError(f"only block distribution ('b') is supported; got {dist!r}")
+        self.client, self.targets, self.block = client, targets, block
+
+    def map(self, func: Callable, *seqs: Any) -> Any:
+        return self.client.map(func, *seqs, targets=self.targets, block=self.block)
+
+
+class ParallelFunction:
+    """A function that, called on sequences, is mapped over them on the engines."""
+
+    def __init__(self, func: Callable, mapper: Mapper) -> None:
+        self.func, self.mapper = func, mapper
+        self.__name__ = getattr(func, "__name__", "parallel_function")
+        self.__doc__ = getattr(func, "__doc__", None)
+
+    def __call__(self, *seqs: Any) -> Any:
+        return self.mapper.map(self.func, *seqs)
+
+
+# --- helpers --------------------------------------------------------------------------------
+def _nones(values: List[Any]) -> List[None]:
+    return [None] * len(values)
+
+
+def _inband(obj: Any) -> bytes:
+    data, buffers = payload.dumps(obj)
+    if buffers:  # scattered pieces travel inside one buffer: pickle them in-band
+        import cloudpickle
+
+        return cloudpickle.dumps(obj, protocol=5)
+    return data
+
+
+def _check_name(key: Any) -> None:
+    if not isinstance(key, str) or not key.isidentifier():
+        raise ValueError(f"a name on the engines must be a Python identifier; got {key!r}")
+
+
+def _names(keys: Any) -> Tuple[List[str], bool]:
+    if isinstance(keys, str):
+        _check_name(keys)
+        return [keys], True
+    if isinstance(keys, (list, tuple)) and keys:
+        for k in keys:
+            _check_name(k)
+        return list(keys), False
+    raise TypeError(f"pull takes a name or a tuple of names; got {keys!r}")
+
+
+def _scatter_payload(seq: Any, k: int, what: str) -> Tuple[dict, List[Any], List[int]]:
+    """Return (meta, parts, byte counts per target) for scattering ``seq`` over k targets."""
+    seq = partition.as_sequence(seq, what)
+    if partition.is_array(seq) and not seq.dtype.hasobject:
+        import numpy
+
+        arr = numpy.ascontiguousarray(seq)
+        row = arr.itemsize * (int(numpy.prod(arr.shape[1:])) if arr.ndim > 1 else 1)
+        counts = [(b - a) * row for a, b in partition.bounds(len(arr), k)]
+        meta = {"kind": "array", "dtype": arr.dtype.str, "shape": list(arr.shape[1:])}
+        return meta, [memoryview(arr).cast("B")], counts
+    blobs = [_inband(p) for p in partition.split(seq, k)]
+    return {"kind": "pickle"}, [b"".join(blobs)], [len(b) for b in blobs]
+
+
+def _raise_refusal(frame: P.Frame) -> None:
+    if frame.kind != P.ERROR:
+        return
+    ename, evalue = frame.meta.get("ename", "RuntimeError"), frame.meta.get("evalue", "")
+    cls = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyError}.get(ename)
+    if cls is not None:
+        raise cls(evalue)
+    raise RuntimeError(f"the controller refused the request: {evalue}")
+
+
+def _decode(frame: P.Frame, method: str) -> List[Any]:
+    """Turn a RESULT frame into per-engine values; raise CompositeError on failures."""
+    _raise_refusal(frame)
+    metas, datas = memoryview(frame.parts[0]), memoryview(frame.parts[1])
+    replies, mo, do = [], 0, 0
+    for m, d in frame.meta["sizes"]:
+        replies.append(payload.unpack(metas[mo:mo + m], datas[do:do + d]))
+        mo, do = mo + m, do + d
+    values = [r["value"] for r in replies]
+    errors = [ErrorRecord.from_dict(r["error"]) for r in replies if not r["ok"]]
+    if errors:
+        method = errors[0].method or method
+        raise CompositeError(method, errors,
+                             ResultList(values) if method == "execute" else values)
+    return values

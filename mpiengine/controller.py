@@ -1,0 +1,258 @@
+"""The controller (rank 0): turns client requests into MPI collectives and back.
+
+No user code runs here and nothing is unpickled: payloads are opaque buffers
+that go from a client's socket straight into an MPI broadcast or scatter, and
+replies come back from an MPI gather straight onto the socket.
+
+For each command the controller broadcasts a header to every engine (one
+collective on ``hdr``), then the payload on the command's target set. Replies
+are gathered per target set in command order: the Igather of sizes for the
+oldest command of a set is posted first; when it completes, the Igatherv of the
+blobs follows, then the next command's sizes. Sets of different engines
+progress independently, so commands to disjoint engines overlap.
+
+A result is sent to the client that is waiting for it (a blocking call);
+otherwise it is kept until a client fetches it by id (non-blocking calls,
+clients that went away). One thread, one selector loop, MPI requests polled
+between socket events with a back-off: nothing blocks, nothing spins.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+from . import fabric
+from . import protocol as P
+from .server import Conn, Server
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Command:
+    seq: int
+    op: int
+    targets: Tuple[int, ...]
+    result_id: str
+    conn: Optional[Conn]
+    req: Any
+    deliver: bool
+    description: str
+    state: str = "sizes"
+    reqs: List[Any] = field(default_factory=list)
+    bufs: List[Any] = field(default_factory=list)
+    sizes: List[Tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class Stored:
+    meta: dict
+    parts: List[Any]
+
+
+class Controller:
+    def __init__(self, world: fabric.World, engines: List[dict], ip: str, port: int,
+                 key: bytes, max_message: int = P.DEFAULT_MAX_MESSAGE,
+                 poll_cap: float = 0.01) -> None:
+        self.world = world
+        self.engines = engines
+        self.n = world.n_engines
+        self.server = Server(ip, port, key, max_message, self._on_frame, self._on_close)
+        self.poll_cap = poll_cap
+        self.seq = 0
+        self.sends: List[Tuple[List[Any], List[Any]]] = []
+        self.upq: Dict[Tuple[int, ...], Deque[Command]] = {}
+        self.running: Dict[str, Command] = {}
+        self.queues: List[Deque[str]] = [collections.deque() for _ in range(self.n)]
+        self.stored: Dict[str, Stored] = {}
+        self.waiters: Dict[str, Tuple[Conn, Any]] = {}
+        self.stopping = False
+        self.handlers = {P.INFO: self._info, P.QUEUE_STATUS: self._queue_status,
+                         P.FETCH: self._fetch, P.SHUTDOWN: self._shutdown, P.CLOSE: self._close}
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return self.server.address
+
+    # --- the loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        backoff = fabric.Backoff(cap=self.poll_cap)
+        while True:
+            busy = bool(self.sends or self.running)
+            if self.stopping and not busy:
+                break
+            timeout = backoff.next_delay() if busy else 1.0
+            if timeout < 0.002:
+                # epoll counts whole milliseconds: sleep the short waits ourselves.
+                events = self.server.poll(0)
+                if not events:
+                    time.sleep(timeout)
+            else:
+                events = self.server.poll(timeout)
+            if self._progress() or events:
+                backoff.reset()
+        self.server.drain(5.0)
+        self.server.shutdown()
+
+    def _progress(self) -> bool:
+        progressed = False
+        if self.sends:
+            before = len(self.sends)
+            self.sends = [s for s in self.sends if not fabric.test(s[0])]
+            progressed = len(self.sends) != before
+        for targets, q in self.upq.items():
+            while q and fabric.test(q[0].reqs):
+                progressed = True
+                cmd = q[0]
+                if cmd.state == "sizes":
+                    self._post_blobs(cmd, targets)
+                else:
+                    q.popleft()
+                    self._complete(cmd)
+                    if q:
+                        self._post_sizes(q[0], targets)
+        return progressed
+
+    # --- requests ------------------------------------------------------------------------
+    def _on_frame(self, conn: Conn, frame: P.Frame) -> None:
+        req = frame.meta.get("req")
+        try:
+            if self.stopping and frame.kind != P.CLOSE:
+                raise RuntimeError("the cluster is shutting down")
+            if frame.kind in P.ENGINE_OPS:
+                self._dispatch(conn, frame)
+            elif frame.kind in self.handlers:
+                self.handlers[frame.kind](conn, frame)
+            else:
+                raise ValueError(f"{P.kind_name(frame.kind)} is not a request")
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:
+            self.server.send(conn, P.ERROR, {"req": req, "ename": type(e).__name__,
+                                             "evalue": str(e)})
+
+    def _targets(self, spec: Any) -> Tuple[int, ...]:
+        if spec == "all" or spec is None:
+            return self.world.all
+        ids = [spec] if isinstance(spec, int) else spec
+        if (not isinstance(ids, list) or not ids
+                or not all(isinstance(i, int) and 0 <= i < self.n for i in ids)):
+            raise ValueError(f"targets must be 'all', an engine id or a list of ids in "
+                             f"0..{self.n - 1}; got {spec!r}")
+        return tuple(sorted(set(ids)))
+
+    def _dispatch(self, conn: Conn, frame: P.Frame) -> None:
+        meta = frame.meta
+        targets = self._targets(meta.get("targets"))
+        result_id = str(meta.get("result_id") or f"r{self.seq}")
+        if result_id in self.running or result_id in self.stored:
+            raise ValueError(f"result id {result_id!r} is already in use")
+        parts = frame.parts
+        counts = meta.get("counts")
+        scatter = None
+        if counts is not None:
+            if len(counts) != len(targets) or not parts or sum(counts) != len(parts[-1]):
+                raise ValueError("scatter counts do not match the targets and the data sent")
+            parts, scatter = parts[:-1], parts[-1]
+        engine_meta = {k: v for k, v in meta.items() if k not in ("req", "result_id", "block")}
+        engine_meta.update(op=frame.kind, targets=list(targets),
+                           parts=[len(p) for p in parts], seq=self.seq)
+        reqs, keep = self.world.send_header(json.dumps(engine_meta).encode())
+        down, _up = self.world.group(targets)
+        reqs += self.world.bcast_parts(down, parts)
+        if scatter is not None:
+            reqs.append(self.world.scatterv(down, scatter, counts))
+        self.sends.append((reqs, keep + list(frame.parts)))
+        description = _describe(frame.kind, meta)
+        cmd = Command(self.seq, frame.kind, targets, result_id, conn, meta.get("req"),
+                      bool(meta.get("block", True)), description)
+        self.seq += 1
+        self.running[result_id] = cmd
+        for t in targets:
+            self.queues[t].append(description)
+        q = self.upq.setdefault(targets, collections.deque())
+        q.append(cmd)
+        if len(q) == 1:
+            self._post_sizes(cmd, targets)
+
+    def _post_sizes(self, cmd: Command, targets: Tuple[int, ...]) -> None:
+        req, buf = self.world.gather_sizes(self.world.group(targets)[1])
+        cmd.state, cmd.reqs, cmd.bufs = "sizes", [req], [buf]
+
+    def _post_blobs(self, cmd: Command, targets: Tuple[int, ...]) -> None:
+        up = self.world.group(targets)[1]
+        cmd.sizes = self.world.read_sizes(cmd.bufs[0])
+        r1, metas = self.world.gatherv(up, [m for m, _ in cmd.sizes])
+        r2, datas = self.world.gatherv(up, [d for _, d in cmd.sizes])
+        cmd.state, cmd.reqs, cmd.bufs = "blobs", [r1, r2], [metas, datas]
+
+    def _complete(self, cmd: Command) -> None:
+        del self.running[cmd.result_id]
+        for t in cmd.targets:
+            self.queues[t].popleft()
+        meta = {"result_id": cmd.result_id, "op": cmd.op, "engines": list(cmd.targets),
+                "sizes": [list(s) for s in cmd.sizes]}
+        result = Stored(meta, cmd.bufs)
+        waiter = self.waiters.pop(cmd.result_id, None)
+        if waiter is not None and not waiter[0].closed:
+            self._deliver(waiter[0], waiter[1], result)
+        elif cmd.deliver and cmd.conn is not None and not cmd.conn.closed:
+            self._deliver(cmd.conn, cmd.req, result)
+        else:
+            self.stored[cmd.result_id] = result
+
+    def _deliver(self, conn: Conn, req: Any, result: Stored) -> None:
+        self.server.send(conn, P.RESULT, dict(result.meta, req=req), result.parts)
+
+    def _on_close(self, conn: Conn) -> None:
+        for rid, (c, _req) in list(self.waiters.items()):
+            if c is conn:
+                del self.waiters[rid]
+
+    # --- controller-only requests ---------------------------------------------------------
+    def _reply(self, conn: Conn, frame: P.Frame, **meta: Any) -> None:
+        self.server.send(conn, P.RESULT, dict(meta, req=frame.meta.get("req")))
+
+    def _info(self, conn: Conn, frame: P.Frame) -> None:
+        self._reply(conn, frame, engines=self.engines, n_engines=self.n)
+
+    def _queue_status(self, conn: Conn, frame: P.Frame) -> None:
+        status = [[i, {"pending": q[0] if q else None, "queue": list(q)[1:]}]
+                  for i, q in enumerate(self.queues)]
+        self._reply(conn, frame, status=status)
+
+    def _fetch(self, conn: Conn, frame: P.Frame) -> None:
+        rid = str(frame.meta.get("result_id"))
+        req = frame.meta.get("req")
+        if rid in self.stored:
+            self._deliver(conn, req, self.stored.pop(rid))
+        elif rid in self.running:
+            if frame.meta.get("block", True):
+                self.waiters[rid] = (conn, req)
+            else:
+                self.server.send(conn, P.NOT_READY, {"req": req, "result_id": rid})
+        else:
+            raise KeyError(f"no result with id {rid!r}: it was already fetched or never existed")
+
+    def _shutdown(self, conn: Conn, frame: P.Frame) -> None:
+        reqs, keep = self.world.send_header(
+            json.dumps({"op": P.SHUTDOWN, "targets": list(self.world.all)}).encode())
+        self.sends.append((reqs, keep))
+        self.stopping = True
+        self._reply(conn, frame, ok=True)
+
+    def _close(self, conn: Conn, frame: P.Frame) -> None:
+        self.server.close(conn)
+
+
+def _describe(op: int, meta: dict) -> str:
+    name = P.kind_name(op)
+    if op == P.EXECUTE:
+        code = str(meta.get("code", ""))
+        return f"{name}: {code if len(code) <= 60 else code[:57] + '...'}"
+    for key in ("name", "names"):
+        if key in meta:
+            return f"{name}: {meta[key]}"
+    return name

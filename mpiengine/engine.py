@@ -1,0 +1,194 @@
+"""What one engine does with a command: its namespace and its operations.
+
+This module knows nothing of MPI or sockets: it takes a command (operation,
+metadata, received buffers) and returns the reply blob pair. Everything user
+code can raise, including ``SystemExit`` and ``KeyboardInterrupt``, becomes an
+error record (type name, message, traceback text) in the reply: an exception in
+user code never ends the engine.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import linecache
+import os
+import socket
+import sys
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from . import partition, payload
+from . import protocol as P
+
+__all__ = ["Engine", "Command"]
+
+_HIDDEN = frozenset({"__builtins__", "__name__", "comm"})
+
+
+class Command:
+    """A command as an engine receives it: op code, metadata and payload buffers."""
+
+    __slots__ = ("op", "meta", "targets", "parts", "piece", "reqs")
+
+    def __init__(self, op: int, meta: dict, targets: Tuple[int, ...]) -> None:
+        self.op, self.meta, self.targets = op, meta, targets
+        self.parts: List[bytearray] = []
+        self.piece: Optional[bytearray] = None
+        self.reqs: List[Any] = []
+
+
+class _Failed(Exception):
+    """Carries a value to return alongside an error (execute's partial output)."""
+
+    def __init__(self, value: Any, error: BaseException) -> None:
+        self.value, self.error = value, error
+
+
+class Engine:
+    """One engine's persistent namespace and the operations on it."""
+
+    def __init__(self, engine_id: int, comm: Any = None, host: Optional[str] = None) -> None:
+        self.id = engine_id
+        self.comm = comm
+        self.host = host or socket.gethostname()
+        self.count = 0
+        self.ns: Dict[str, Any] = {}
+        self.in_user_code = False
+        self.reset()
+        self._ops: Dict[int, Callable[[Command], Any]] = {
+            P.EXECUTE: self._execute, P.PUSH: self._push, P.PULL: self._pull,
+            P.SCATTER: self._scatter, P.GATHER: self._gather, P.APPLY: self._apply,
+            P.KEYS: self._keys, P.RESET: self._reset, P.PING: self._ping,
+        }
+
+    def reset(self) -> None:
+        self.ns.clear()
+        self.ns.update({"__name__": "__main__", "__builtins__": __builtins__, "comm": self.comm})
+
+    # --- the entry point ---------------------------------------------------------------
+    def run(self, cmd: Command) -> Tuple[bytes, Any]:
+        """Run a command; return its reply blob pair. Never raises."""
+        method = P.kind_name(cmd.op)
+        try:
+            value = self._ops[cmd.op](cmd)
+            reply = {"ok": True, "value": value}
+        except _Failed as f:
+            reply = {"ok": False, "value": f.value, "error": self.error_record(f.error, method)}
+        except BaseException as e:  # noqa: B902 - user code may raise anything
+            reply = {"ok": False, "value": None, "error": self.error_record(e, method)}
+        return self._pack(reply, method)
+
+    def cancelled(self, cmd: Command, why: str) -> Tuple[bytes, Any]:
+        """Reply for a command that was dropped without running."""
+        method = P.kind_name(cmd.op)
+        rec = {"engine_id": self.id, "method": method, "ename": "CancelledError",
+               "evalue": why, "traceback": "", "host": self.host}
+        return self._pack({"ok": False, "value": None, "error": rec}, method)
+
+    def _pack(self, reply: dict, method: str) -> Tuple[bytes, Any]:
+        try:
+            return payload.pack(reply)
+        except Exception as e:  # the value cannot be pickled: report it, keep the engine
+            err = {"ok": False, "value": None, "error": self.error_record(e, method)}
+            return payload.pack(err)
+
+    def error_record(self, e: BaseException, method: str) -> dict:
+        tb = e.__traceback__
+        # Drop this module's own frames: the user wants to see their code.
+        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+            tb = tb.tb_next
+        text = "".join(traceback.format_exception(type(e), e, tb))
+        evalue = str(e) if not isinstance(e, SystemExit) else f"SystemExit({e.code!r}) in user code"
+        return {"engine_id": self.id, "method": method, "ename": type(e).__name__,
+                "evalue": evalue, "traceback": text, "host": self.host}
+
+    # --- operations ------------------------------------------------------------------------
+    def _execute(self, cmd: Command) -> dict:
+        code = cmd.meta["code"]
+        self.count += 1
+        n = self.count
+        out, err = io.StringIO(), io.StringIO()
+        result = {"id": self.id, "number": n, "input": {"raw": code, "translated": code},
+                  "stdout": "", "stderr": ""}
+        saved = sys.stdout, sys.stderr
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                self._run_code(code, f"<engine {self.id} In [{n}]>")
+        except BaseException as e:
+            raise _Failed(self._fill(result, out, err), e) from None
+        finally:
+            sys.stdout, sys.stderr = saved  # user code may have replaced them
+        return self._fill(result, out, err)
+
+    @staticmethod
+    def _fill(result: dict, out: io.StringIO, err: io.StringIO) -> dict:
+        result["stdout"], result["stderr"] = out.getvalue(), err.getvalue()
+        return result
+
+    def _run_code(self, code: str, filename: str) -> None:
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        tree = ast.parse(code, filename, "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        self.in_user_code = True
+        try:
+            exec(compile(tree, filename, "exec"), self.ns)
+            if last is not None:
+                value = eval(compile(last, filename, "eval"), self.ns)
+                if value is not None:
+                    print(repr(value))
+        finally:
+            self.in_user_code = False
+
+    def _push(self, cmd: Command) -> None:
+        ns = payload.loads(cmd.parts[0], cmd.parts[1:])
+        self.ns.update(ns)
+
+    def _lookup(self, name: str) -> Any:
+        try:
+            return self.ns[name]
+        except KeyError:
+            raise NameError(f"name {name!r} is not defined") from None
+
+    def _pull(self, cmd: Command) -> Any:
+        values = [self._lookup(n) for n in cmd.meta["names"]]
+        return values[0] if cmd.meta.get("single") else values
+
+    def _scatter(self, cmd: Command) -> None:
+        self.ns[cmd.meta["name"]] = _decode_piece(cmd.meta, cmd.piece)
+
+    def _gather(self, cmd: Command) -> Any:
+        value = self._lookup(cmd.meta["name"])
+        if partition.is_array(value):
+            return value if value.flags.c_contiguous else value.copy()
+        return value
+
+    def _apply(self, cmd: Command) -> list:
+        func = payload.loads(cmd.parts[0], cmd.parts[1:])
+        seqs = _decode_piece(cmd.meta, cmd.piece)
+        self.in_user_code = True
+        try:
+            return list(map(func, *seqs))
+        finally:
+            self.in_user_code = False
+
+    def _keys(self, cmd: Command) -> list:
+        return sorted(k for k in self.ns if k not in _HIDDEN)
+
+    def _reset(self, cmd: Command) -> None:
+        self.reset()
+
+    def _ping(self, cmd: Command) -> dict:
+        return {"id": self.id, "host": self.host, "pid": os.getpid()}
+
+
+def _decode_piece(meta: dict, piece: Optional[bytearray]) -> Any:
+    """Rebuild this engine's share of a scatter from its raw bytes."""
+    if meta.get("kind") == "array":
+        import numpy
+
+        tail = tuple(meta["shape"])
+        return numpy.frombuffer(piece, dtype=numpy.dtype(meta["dtype"])).reshape((-1,) + tail)
+    return payload.loads(piece)

@@ -1,0 +1,149 @@
+"""An engine rank: a listener thread that owns the MPI traffic, and a main thread
+that runs user code.
+
+The listener always has an Ibcast posted for the next command header, so it sees
+every command while the main thread is busy; it receives the payloads of the
+commands addressed to this engine and queues them, and it sends the main
+thread's replies to the controller. The main thread runs the queued commands one
+by one, in the order the controller sent them. Keeping user code on the main
+thread means signals (interrupts) reach it, and user MPI calls on ``comm`` never
+mix with the runtime's communicators.
+
+Idle, the listener polls with a growing back-off sleep (see :class:`fabric.Backoff`)
+and the main thread blocks on a queue: neither spins.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import queue
+import signal
+import threading
+from typing import Any, Deque, List, Optional, Tuple
+
+from . import fabric
+from . import protocol as P
+from .engine import Command, Engine
+
+log = logging.getLogger(__name__)
+
+
+class EngineRank:
+    def __init__(self, world: fabric.World, engine: Engine, idle_cap: float = 0.02) -> None:
+        self.world = world
+        self.engine = engine
+        self.idle_cap = idle_cap
+        self.inbox: "queue.Queue[Optional[Command]]" = queue.Queue()
+        self.outbox: Deque[Tuple[Command, Tuple[bytes, Any]]] = collections.deque()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.main_done = threading.Event()
+        self.error: Optional[BaseException] = None
+
+    # --- main thread -------------------------------------------------------------------
+    def run(self) -> None:
+        """Run commands until shutdown; return when the listener has finished too."""
+        signal.signal(signal.SIGINT, self._on_sigint)
+        listener = threading.Thread(target=self._listen_guarded, name="mpiengine-listener",
+                                    daemon=True)
+        listener.start()
+        try:
+            while True:
+                try:
+                    cmd = self.inbox.get()
+                    if cmd is None:
+                        break
+                    if self.stopping:
+                        reply = self.engine.cancelled(cmd, "the cluster is shutting down")
+                    else:
+                        reply = self.engine.run(cmd)
+                    self.outbox.append((cmd, reply))
+                    self.wake.set()
+                except KeyboardInterrupt:
+                    # An interrupt that arrived just after user code ended: nothing to stop.
+                    continue
+        finally:
+            self.main_done.set()
+            self.wake.set()
+        listener.join()
+        if self.error is not None:
+            raise RuntimeError("the engine's listener thread failed") from self.error
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        # Only user code is interrupted; the runtime's own bookkeeping never is.
+        if self.engine.in_user_code:
+            raise KeyboardInterrupt
+
+    def _interrupt_main(self) -> None:
+        if self.engine.in_user_code:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    # --- listener thread ---------------------------------------------------------------
+    def _listen_guarded(self) -> None:
+        try:
+            self._listen()
+        except BaseException as e:  # a broken runtime must not leave the job hanging
+            log.exception("engine %d listener failed", self.engine.id)
+            self.error = e
+            self.world.abort(3)
+
+    def _listen(self) -> None:
+        world, me = self.world, self.engine.id
+        backoff = fabric.Backoff(cap=self.idle_cap)
+        req, buf = world.post_header_recv()
+        incoming: Deque[Command] = collections.deque()
+        sending: List[Tuple[list, list]] = []
+        header_open = True
+        while True:
+            progressed = False
+            if header_open and fabric.test([req]):
+                progressed = True
+                meta = json.loads(world.finish_header(buf, backoff))
+                if self._on_header(meta, me, incoming):
+                    header_open = False
+                else:
+                    req, buf = world.post_header_recv()
+            while incoming and fabric.test(incoming[0].reqs):
+                cmd = incoming.popleft()
+                cmd.reqs = []
+                self.inbox.put(cmd)
+                progressed = True
+            if not header_open and not incoming and not self._sentinel_sent:
+                self.inbox.put(None)
+                self._sentinel_sent = True
+            while self.outbox:
+                cmd, (m, d) = self.outbox.popleft()
+                sending.append(world.send_reply(world.group(cmd.targets)[1], m, d))
+                progressed = True
+            if sending:
+                sending = [s for s in sending if not fabric.test(s[0])]
+            if (not header_open and self.main_done.is_set() and not self.outbox
+                    and not sending and not incoming):
+                return
+            if progressed:
+                backoff.reset()
+            else:
+                backoff.sleep(self.wake)
+
+    _sentinel_sent = False
+
+    def _on_header(self, meta: dict, me: int, incoming: Deque[Command]) -> bool:
+        """Handle one command header; return True if it was the shutdown command."""
+        op = meta["op"]
+        targets = tuple(meta["targets"])
+        if op == P.SHUTDOWN:
+            self.stopping = True
+            self._interrupt_main()
+            return True
+        if me not in targets:
+            return False
+        down, _up = self.world.group(targets)
+        cmd = Command(op, meta, targets)
+        cmd.reqs, cmd.parts = self.world.recv_parts(down, meta.get("parts", []))
+        counts = meta.get("counts")
+        if counts is not None:
+            r, cmd.piece = self.world.recv_scatter(down, counts[targets.index(me)])
+            cmd.reqs.append(r)
+        incoming.append(cmd)
+        return False

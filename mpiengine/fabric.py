@@ -1,0 +1,232 @@
+"""Every MPI call of mpiengine, and the only module that imports mpi4py.
+
+Communicators (``world`` is ``COMM_WORLD``; rank 0 is the controller, rank
+``i + 1`` is engine ``i``)::
+
+    user       engines only (engine id == rank); handed to user code as ``comm``,
+               never used by the runtime
+    hdr        a dup of world: every command's fixed-size header is an Ibcast here,
+               so all engines see every command in one global order
+    down[T]    controller + the engines of target set T: the command's payload
+               (Ibcast of each part, Iscatterv of a scatter)
+    up[T]      controller + T: each engine's reply, as Igather of sizes, then
+               Igatherv of the meta blobs and of the data blobs
+
+Down and up traffic use separate communicators because an engine receives
+command k+1's payload while it still runs command k: on one communicator the
+collectives would be started in a different order on the controller and on the
+engines. Per-target-set communicators let commands to disjoint engines overlap
+(a gather over all engines would wait for the busiest one). Within each
+communicator every member starts collectives in command order, which is the
+order the controller broadcast the headers in.
+
+Nothing here blocks in MPI while idle: callers poll requests with ``test``
+and sleep with :class:`Backoff` (a blocking MPI wait burns a whole core).
+The one blocking call is ``Create_group`` for a target set seen for the first
+time, done by the controller and the engines of that set right after its header.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import mpi4py
+
+mpi4py.rc.thread_level = "multiple"
+mpi4py.rc.finalize = True
+from mpi4py import MPI  # noqa: E402  (rc must be set before the import initializes MPI)
+
+HDR_SIZE = 1024
+_HDR_LEN = struct.Struct("!I")
+_SIZES = struct.Struct("!QQ")
+
+Requests = List[Any]
+
+
+class Backoff:
+    """Sleep between polls: short while an exchange is under way, long when idle.
+
+    Polls stay fast (``first`` seconds apart) for ``hot`` seconds after the last
+    progress, because a collective in flight needs every rank on its path to
+    poll; after that the sleep grows with the idle time, up to ``cap``. ``reset()``
+    marks progress.
+    """
+
+    def __init__(self, cap: float = 0.02, hot: float = 0.05, first: float = 5e-5) -> None:
+        self.cap, self.hot, self.first = cap, hot, first
+        self.reset()
+
+    def reset(self) -> None:
+        self._since = time.monotonic()
+
+    def next_delay(self) -> float:
+        idle = time.monotonic() - self._since
+        if idle < self.hot:
+            return self.first
+        return min(self.cap, max(self.first, (idle - self.hot) * 0.25))
+
+    def sleep(self, event: Optional[threading.Event] = None) -> None:
+        d = self.next_delay()
+        if event is not None:
+            if event.wait(d):
+                event.clear()
+                self.reset()
+        else:
+            time.sleep(d)
+
+
+def test(reqs: Requests) -> bool:
+    """Return True when every request completed (drives MPI progress)."""
+    return MPI.Request.Testall(reqs) if reqs else True
+
+
+def wait(reqs: Requests, backoff: Optional[Backoff] = None, timeout: Optional[float] = None) -> bool:
+    """Poll until ``reqs`` complete, sleeping between polls; False on timeout."""
+    backoff = backoff or Backoff(cap=0.005)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not test(reqs):
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        backoff.sleep()
+    return True
+
+
+class World:
+    """This rank's view of the job: its role, and the runtime's communicators."""
+
+    def __init__(self) -> None:
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            raise RuntimeError(
+                "mpiengine needs an MPI library with MPI_THREAD_MULTIPLE support; "
+                f"this one gives level {MPI.Query_thread()} ({MPI.Get_library_version()[:40]!r})")
+        world = MPI.COMM_WORLD
+        self.rank = world.Get_rank()
+        self.size = world.Get_size()
+        if self.size < 2:
+            raise RuntimeError(
+                "mpiengine needs at least 2 MPI ranks (a controller and one engine); "
+                "start it as 'mpiexec -n 5 python -m mpiengine serve'")
+        self.n_engines = self.size - 1
+        self.is_controller = self.rank == 0
+        self.engine_id = self.rank - 1
+        self.world = world
+        self.hdr = world.Dup()
+        self.parent = world.Dup()
+        self.all = tuple(range(self.n_engines))
+        self._groups: Dict[Tuple[int, ...], Tuple[Any, Any]] = {
+            self.all: (world.Dup(), world.Dup())}
+        color = MPI.UNDEFINED if self.is_controller else 0
+        self.user = world.Split(color, self.rank)
+        self._pending_free: List[Any] = []
+
+    # --- set-up and teardown -------------------------------------------------------
+    def exchange_info(self, info: dict) -> Optional[List[dict]]:
+        """Gather each engine's info dict at the controller (start-up only)."""
+        return self.world.gather(info, root=0)
+
+    def abort(self, code: int = 1) -> None:
+        self.world.Abort(code)
+
+    def processor_name(self) -> str:
+        try:
+            return MPI.Get_processor_name()
+        except Exception:
+            return socket.gethostname()
+
+    # --- target sets ------------------------------------------------------------------
+    def known(self, targets: Tuple[int, ...]) -> bool:
+        return targets in self._groups
+
+    def group(self, targets: Tuple[int, ...]) -> Tuple[Any, Any]:
+        """Return (down, up) for a target set, creating them the first time.
+
+        Collective over the controller and the engines in ``targets`` only.
+        """
+        comms = self._groups.get(targets)
+        if comms is None:
+            grp = self.world.Get_group().Incl([0] + [t + 1 for t in targets])
+            comms = (self.parent.Create_group(grp, tag=1), self.parent.Create_group(grp, tag=2))
+            grp.Free()
+            self._groups[targets] = comms
+        return comms
+
+    # --- headers (controller sends, every engine receives) --------------------------
+    def send_header(self, meta: bytes) -> Tuple[Requests, List[Any]]:
+        buf = bytearray(HDR_SIZE)
+        _HDR_LEN.pack_into(buf, 0, len(meta))
+        inline = meta[:HDR_SIZE - _HDR_LEN.size]
+        buf[_HDR_LEN.size:_HDR_LEN.size + len(inline)] = inline
+        reqs = [self.hdr.Ibcast([buf, MPI.BYTE], root=0)]
+        keep = [buf]
+        rest = meta[len(inline):]
+        if rest:
+            rest_buf = bytearray(rest)
+            reqs.append(self.hdr.Ibcast([rest_buf, MPI.BYTE], root=0))
+            keep.append(rest_buf)
+        return reqs, keep
+
+    def post_header_recv(self) -> Tuple[Any, bytearray]:
+        buf = bytearray(HDR_SIZE)
+        return self.hdr.Ibcast([buf, MPI.BYTE], root=0), buf
+
+    def finish_header(self, buf: bytearray, backoff: Backoff) -> bytes:
+        """Return a received header's meta, receiving its overflow part if any."""
+        (n,) = _HDR_LEN.unpack_from(buf, 0)
+        room = HDR_SIZE - _HDR_LEN.size
+        meta = bytes(buf[_HDR_LEN.size:_HDR_LEN.size + min(n, room)])
+        if n > room:
+            rest = bytearray(n - room)
+            wait([self.hdr.Ibcast([rest, MPI.BYTE], root=0)], backoff)
+            meta += bytes(rest)
+        return meta
+
+    # --- payload, controller side ---------------------------------------------------
+    def bcast_parts(self, down: Any, parts: Sequence[Any]) -> Requests:
+        return [down.Ibcast([p, MPI.BYTE], root=0) for p in parts]
+
+    def scatterv(self, down: Any, buf: Any, counts: Sequence[int]) -> Any:
+        counts = [0] + list(counts)
+        displs = _displacements(counts)
+        return down.Iscatterv([buf, (counts, displs), MPI.BYTE], MPI.IN_PLACE, root=0)
+
+    def gather_sizes(self, up: Any) -> Tuple[Any, bytearray]:
+        buf = bytearray(_SIZES.size * up.Get_size())
+        return up.Igather(MPI.IN_PLACE, [buf, MPI.BYTE], root=0), buf
+
+    @staticmethod
+    def read_sizes(buf: bytearray) -> List[Tuple[int, int]]:
+        n = len(buf) // _SIZES.size
+        return [_SIZES.unpack_from(buf, i * _SIZES.size) for i in range(1, n)]
+
+    def gatherv(self, up: Any, counts: Sequence[int]) -> Tuple[Any, bytearray]:
+        buf = bytearray(sum(counts))
+        full = [0] + list(counts)
+        req = up.Igatherv(MPI.IN_PLACE, [buf, (full, _displacements(full)), MPI.BYTE], root=0)
+        return req, buf
+
+    # --- payload, engine side --------------------------------------------------------
+    def recv_parts(self, down: Any, lengths: Sequence[int]) -> Tuple[Requests, List[bytearray]]:
+        bufs = [bytearray(n) for n in lengths]
+        return [down.Ibcast([b, MPI.BYTE], root=0) for b in bufs], bufs
+
+    def recv_scatter(self, down: Any, count: int) -> Tuple[Any, bytearray]:
+        buf = bytearray(count)
+        return down.Iscatterv(None, [buf, MPI.BYTE], root=0), buf
+
+    def send_reply(self, up: Any, meta: Any, data: Any) -> Requests:
+        m, d = memoryview(meta), memoryview(data)
+        sizes = bytearray(_SIZES.pack(m.nbytes, d.nbytes))
+        return [up.Igather([sizes, MPI.BYTE], None, root=0),
+                up.Igatherv([m, MPI.BYTE], None, root=0),
+                up.Igatherv([d, MPI.BYTE], None, root=0)], [sizes, meta, data]
+
+
+def _displacements(counts: Sequence[int]) -> List[int]:
+    out, pos = [], 0
+    for c in counts:
+        out.append(pos)
+        pos += c
+    return out

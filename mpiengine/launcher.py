@@ -1,0 +1,197 @@
+"""Start, stop and inspect a local cluster from the user's shell.
+
+``start`` runs ``mpiexec -n N+1 python -m mpiengine serve`` in a new session in
+the background, logging to ``~/.mpiengine/log/``, and returns once every engine
+has answered. The mpiexec pid is kept beside the connection file (``.mpiexec``)
+so that ``stop`` can end the whole process group by pid if the cluster does not
+shut down by itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import List, Optional
+
+from . import connection
+from . import protocol as P
+from .client import MultiEngineClient
+from .errors import ConnectError, MPIEngineError
+
+
+class LaunchError(MPIEngineError, RuntimeError):
+    """Raised when a cluster cannot be started, reached or stopped; the message says why."""
+
+
+def find_mpiexec() -> str:
+    """$MPIEXEC, else the mpiexec beside this Python (a venv with the mpich wheel), else PATH."""
+    env = os.environ.get("MPIEXEC")
+    if env:
+        return env
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("mpiexec") or shutil.which("mpirun")
+    if not found:
+        raise LaunchError("no mpiexec found: install an MPI ('pip install mpiengine[mpich]') "
+                          "or set $MPIEXEC")
+    return found
+
+
+def _sidecar(path: str) -> str:
+    return path + ".mpiexec"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+
+
+def _try_connect(path: str, timeout: float) -> Optional[MultiEngineClient]:
+    try:
+        return MultiEngineClient(path, timeout=timeout)
+    except (ConnectError, OSError):
+        return None
+
+
+def start(n: int, path: str, profile: Optional[str], ip: str, port: int, timeout: float) -> int:
+    if n < 1:
+        raise LaunchError(f"-n counts engines and must be at least 1; got {n}")
+    if os.path.exists(path):
+        mec = _try_connect(path, 2.0)
+        if mec is not None:
+            mec.close()
+            raise LaunchError(f"a cluster is already running with {path}; "
+                              f"'mpiengine stop' it or use another --profile")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    logdir = os.path.join(connection.base_dir(), "log")
+    os.makedirs(logdir, mode=0o700, exist_ok=True)
+    log_path = os.path.join(logdir, f"cluster-{profile or 'default'}.log")
+    cmd = [find_mpiexec(), "-n", str(n + 1), sys.executable, "-m", "mpiengine", "serve",
+           "--connection-file", path, "--ip", ip, "--port", str(port)]
+    if profile:
+        cmd += ["--profile", profile]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    with open(_sidecar(path) + ".tmp", "w") as f:
+        json.dump({"pid": proc.pid, "log": log_path}, f)
+    os.replace(_sidecar(path) + ".tmp", _sidecar(path))
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LaunchError(f"mpiexec exited with code {proc.returncode} before the cluster "
+                              f"was up; its log ({log_path}) ends with:\n{_tail(log_path)}")
+        if os.path.exists(path):
+            mec = _try_connect(path, 5.0)
+            if mec is not None:
+                try:
+                    mec._submit(P.PING, "all", True, max(1.0, deadline - time.monotonic()), {})
+                finally:
+                    mec.close()
+                print(path)
+                sys.stderr.write(f"mpiengine: {n} engines answered after "
+                                 f"{time.monotonic() - t0:.1f} s (log: {log_path})\n")
+                return 0
+        time.sleep(0.05)
+    _kill_group(proc.pid)
+    raise LaunchError(f"the cluster did not answer within {timeout} s and was stopped; "
+                      f"its log ({log_path}) ends with:\n{_tail(log_path)}")
+
+
+def stop(path: str, timeout: float) -> int:
+    pid = _launched_pid(path)
+    mec = _try_connect(path, 5.0) if os.path.exists(path) else None
+    if mec is None and pid is None:
+        if os.path.exists(path):
+            os.unlink(path)
+            print(f"no cluster answers at {path}; removed the stale connection file")
+            return 0
+        raise LaunchError(f"no cluster to stop: {path} does not exist")
+    controller = None
+    if mec is not None:
+        controller = mec.info.pid if mec.info.host == os.uname().nodename else None
+        try:
+            mec.shutdown()
+        except MPIEngineError:
+            pass
+    deadline = time.monotonic() + timeout
+    watched = [p for p in (pid, controller) if p]
+    while time.monotonic() < deadline and any(_alive(p) for p in watched):
+        time.sleep(0.05)
+    if pid and _alive(pid):
+        _kill_group(pid)
+    for leftover in (_sidecar(path), path):
+        if os.path.exists(leftover) and (leftover != path or _try_connect(path, 1.0) is None):
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
+    print(f"stopped the cluster of {path}")
+    return 0
+
+
+def status(path: str, timeout: float) -> int:
+    mec = _try_connect(path, min(timeout, 10.0))
+    if mec is None:
+        state = "no connection file" if not os.path.exists(path) else "not answering"
+        print(f"no running cluster at {path} ({state})")
+        return 1
+    with mec:
+        queues = dict(mec.queue_status())
+        print(f"cluster at {mec.info.ip}:{mec.info.port}, controller pid {mec.info.pid} "
+              f"on {mec.info.host}, {len(mec.engines)} engines")
+        print(f"{'id':>4}  {'host':<20} {'pid':>8}  {'state':<5} {'queue':>5}")
+        for e in mec.engines:
+            q = queues.get(e["id"], {})
+            busy = q.get("pending") is not None
+            waiting = len(q.get("queue", []))
+            print(f"{e['id']:>4}  {e['host']:<20} {e['pid']:>8}  "
+                  f"{'busy' if busy else 'idle':<5} {waiting + busy:>5}")
+    return 0
+
+
+def _launched_pid(path: str) -> Optional[int]:
+    try:
+        with open(_sidecar(path)) as f:
+            pid = int(json.load(f)["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _kill_group(pid: int) -> None:
+    """End mpiexec and every rank it started (they share its session), by pid."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        if not _alive(pid):
+            return
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+__all__: List[str] = ["start", "stop", "status", "find_mpiexec", "LaunchError"]

@@ -1,0 +1,275 @@
+"""The wire format between a client and the controller: one table, one screen.
+
+A connection starts with a mutual challenge-response handshake, then carries
+frames. Every frame is authenticated with a one-time key derived from the
+per-connection session key and the frame's sequence number, so a recorded frame
+replayed on the same or on another connection fails its check. Nothing in a
+frame is parsed (let alone unpickled) before its tag has been verified; sizes
+are checked before anything is read.
+
+Handshake (all fixed sizes; ``key`` is the per-job secret of the connection file)::
+
+    server -> client  HELLO   b"MPEH" | version u16 | nonce_s[32]            38 bytes
+    client -> server  AUTH    nonce_c[32] | HMAC(key, "client"|nonce_s|nonce_c)  64 bytes
+    server -> client  PROOF   HMAC(key, "server"|nonce_c|nonce_s)                32 bytes
+
+    session keys: HMAC(key, "c2s"|nonce_s|nonce_c) and HMAC(key, "s2c"|nonce_s|nonce_c)
+
+Frame::
+
+    header   "!4sBBHQI": magic b"MPE1" | kind u8 | flags u8 | nparts u16 | seq u64 | meta_len u32
+    lengths  nparts x u64                      (length of each opaque part)
+    meta     meta_len bytes of JSON            (small, never user objects)
+    parts    the opaque parts (pickles and raw array buffers)
+    tag      16 bytes: Poly1305 over everything above, keyed by HMAC(session_key, seq)
+
+The frame ``kind`` is one of the message kinds in :data:`KINDS` below; the same
+numbers name the operations the controller sends to engines over MPI.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence
+
+from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+from .errors import AuthenticationError, ProtocolError
+
+VERSION = 1
+MAGIC = b"MPE1"
+HELLO_MAGIC = b"MPEH"
+HEADER = struct.Struct("!4sBBHQI")
+LENGTH = struct.Struct("!Q")
+TAG_SIZE = 16
+NONCE_SIZE = 32
+HELLO_SIZE = 4 + 2 + NONCE_SIZE
+AUTH_SIZE = NONCE_SIZE + 32
+PROOF_SIZE = 32
+
+MAX_PARTS = 65535
+MAX_META = 16 * 2**20
+DEFAULT_MAX_MESSAGE = 16 * 2**30
+
+# --- the message kinds -------------------------------------------------------------
+# One table: number -> (name, who sends it, what it means). Engine operations are
+# also the operation codes of commands broadcast over MPI (see fabric/engine).
+EXECUTE, PUSH, PULL, SCATTER, GATHER, APPLY, KEYS, RESET, PING = 1, 2, 3, 4, 5, 6, 7, 8, 9
+INFO, QUEUE_STATUS, FETCH, SHUTDOWN, CLOSE = 20, 21, 22, 23, 24
+RESULT, NOT_READY, ERROR = 40, 41, 42
+
+KINDS = {
+    EXECUTE:      ("execute",      "client", "run code on the targets"),
+    PUSH:         ("push",         "client", "bind names from a pickled dict on the targets"),
+    PULL:         ("pull",         "client", "return the values of names from the targets"),
+    SCATTER:      ("scatter",      "client", "split a sequence across the targets (MPI Scatterv)"),
+    GATHER:       ("gather",       "client", "collect a name from the targets (MPI Gatherv)"),
+    APPLY:        ("map",          "client", "apply a function to scattered chunks, gather the results"),
+    KEYS:         ("keys",         "client", "list the names in each target's namespace"),
+    RESET:        ("reset",        "client", "clear each target's namespace"),
+    PING:         ("ping",         "client", "return host and pid of each target"),
+    INFO:         ("info",         "client", "controller: engine ids, hosts, pids"),
+    QUEUE_STATUS: ("queue_status", "client", "controller: each engine's running and queued commands"),
+    FETCH:        ("fetch",        "client", "controller: deliver a stored result by its id"),
+    SHUTDOWN:     ("shutdown",     "client", "controller: stop engines and controller"),
+    CLOSE:        ("close",        "client", "controller: this client is leaving"),
+    RESULT:       ("result",       "controller", "the result of a request"),
+    NOT_READY:    ("not_ready",    "controller", "a fetched result is still running"),
+    ERROR:        ("error",        "controller", "a request was refused (bad targets, unknown id, ...)"),
+}
+ENGINE_OPS = frozenset({EXECUTE, PUSH, PULL, SCATTER, GATHER, APPLY, KEYS, RESET, PING})
+
+
+def kind_name(kind: int) -> str:
+    return KINDS[kind][0] if kind in KINDS else f"kind {kind}"
+
+
+# --- handshake ---------------------------------------------------------------------
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
+
+
+@dataclass
+class SessionKeys:
+    send: bytes
+    recv: bytes
+
+
+def server_hello() -> tuple:
+    """Return (hello bytes, nonce_s) for the server to send first."""
+    nonce = os.urandom(NONCE_SIZE)
+    return HELLO_MAGIC + struct.pack("!H", VERSION) + nonce, nonce
+
+
+def client_auth(key: bytes, hello: bytes) -> tuple:
+    """Check the server's hello; return (auth bytes, nonce_s, nonce_c)."""
+    if len(hello) != HELLO_SIZE or hello[:4] != HELLO_MAGIC:
+        raise ProtocolError("the server did not speak the mpiengine protocol")
+    (version,) = struct.unpack("!H", hello[4:6])
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version} at the server, {VERSION} here")
+    nonce_s = hello[6:]
+    nonce_c = os.urandom(NONCE_SIZE)
+    return nonce_c + _mac(key, b"client", nonce_s, nonce_c), nonce_s, nonce_c
+
+
+def server_check_auth(key: bytes, nonce_s: bytes, auth: bytes) -> tuple:
+    """Verify the client's proof; return (proof bytes, SessionKeys) or raise."""
+    nonce_c, proof = auth[:NONCE_SIZE], auth[NONCE_SIZE:]
+    if not hmac.compare_digest(proof, _mac(key, b"client", nonce_s, nonce_c)):
+        raise AuthenticationError("the client did not prove knowledge of the key")
+    keys = SessionKeys(send=_mac(key, b"s2c", nonce_s, nonce_c),
+                       recv=_mac(key, b"c2s", nonce_s, nonce_c))
+    return _mac(key, b"server", nonce_c, nonce_s), keys
+
+
+def client_check_proof(key: bytes, nonce_s: bytes, nonce_c: bytes, proof: bytes) -> SessionKeys:
+    """Verify the server's proof; return the client's SessionKeys or raise."""
+    if not hmac.compare_digest(proof, _mac(key, b"server", nonce_c, nonce_s)):
+        raise AuthenticationError("the controller did not prove knowledge of the key")
+    return SessionKeys(send=_mac(key, b"c2s", nonce_s, nonce_c),
+                       recv=_mac(key, b"s2c", nonce_s, nonce_c))
+
+
+def _frame_mac(session_key: bytes, seq: int) -> Poly1305:
+    # A fresh one-time Poly1305 key per frame: HMAC(session key, seq).
+    return Poly1305(_mac(session_key, struct.pack("!Q", seq)))
+
+
+# --- frames --------------------------------------------------------------------------
+@dataclass
+class Frame:
+    kind: int
+    meta: dict
+    parts: List[Any] = field(default_factory=list)  # bytes-like (bytearray on receipt)
+
+    def __repr__(self) -> str:  # never shows payload bytes
+        sizes = [memoryview(p).nbytes for p in self.parts]
+        return f"<Frame {kind_name(self.kind)} meta={self.meta!r} parts={sizes}>"
+
+
+class Sender:
+    """Turn frames into authenticated byte chunks (no copy of the parts)."""
+
+    def __init__(self, session_key: bytes) -> None:
+        self.key = session_key
+        self.seq = 0
+
+    def encode(self, kind: int, meta: dict, parts: Sequence[Any] = ()) -> List[Any]:
+        views = [memoryview(p).cast("B") if not isinstance(p, (bytes, bytearray)) else p
+                 for p in parts]
+        if len(views) > MAX_PARTS:
+            raise ValueError(f"a frame holds at most {MAX_PARTS} parts, got {len(views)}")
+        meta_b = json.dumps(meta, separators=(",", ":")).encode()
+        if len(meta_b) > MAX_META:
+            raise ValueError(f"frame metadata of {len(meta_b)} bytes exceeds {MAX_META}")
+        head = HEADER.pack(MAGIC, kind, 0, len(views), self.seq, len(meta_b))
+        head += b"".join(LENGTH.pack(len(v) if isinstance(v, (bytes, bytearray)) else v.nbytes)
+                         for v in views)
+        mac = _frame_mac(self.key, self.seq)
+        self.seq += 1
+        mac.update(head)
+        mac.update(meta_b)
+        for v in views:
+            mac.update(v)
+        return [head, meta_b, *views, mac.finalize()]
+
+
+class FrameParser:
+    """Incremental, size-checked, authenticated frame reader.
+
+    The owner asks :meth:`want` for the buffer to fill next (so large parts are
+    received straight into their final bytearray), fills some of it, and calls
+    :meth:`advance`. A complete, verified frame is returned by :meth:`advance`.
+    """
+
+    def __init__(self, session_key: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.key = session_key
+        self.max_message = max_message
+        self.seq = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._stage = "header"
+        self._buf = bytearray(HEADER.size)
+        self._pos = 0
+        self._lengths: List[int] = []
+        self._parts: List[bytearray] = []
+        self._kind = 0
+        self._meta_b = b""
+        self._mac: Optional[Poly1305] = None
+
+    def want(self) -> memoryview:
+        """Return the writable view that the next received bytes belong in."""
+        return memoryview(self._buf)[self._pos:]
+
+    def advance(self, n: int) -> Optional[Frame]:
+        """Record that ``n`` bytes were written into :meth:`want`'s view."""
+        self._pos += n
+        while self._pos == len(self._buf):
+            frame = self._next_stage()
+            if frame is not None or self._stage == "header":
+                return frame
+        return None
+
+    def _next_stage(self) -> Optional[Frame]:
+        stage, data = self._stage, self._buf
+        if stage == "header":
+            magic, kind, _flags, nparts, seq, meta_len = HEADER.unpack(bytes(data))
+            if magic != MAGIC:
+                raise ProtocolError("bad frame magic: not an mpiengine frame")
+            if kind not in KINDS:
+                raise ProtocolError(f"unknown frame kind {kind}")
+            if seq != self.seq:
+                raise ProtocolError(f"frame sequence {seq}, expected {self.seq}: replayed or reordered")
+            if meta_len > MAX_META:
+                raise ProtocolError(f"frame metadata of {meta_len} bytes exceeds {MAX_META}")
+            self._kind, self._meta_len, self._nparts = kind, meta_len, nparts
+            self._mac = _frame_mac(self.key, self.seq)
+            self._mac.update(bytes(data))
+            self._set(LENGTH.size * nparts, "lengths")
+        elif stage == "lengths":
+            self._mac.update(bytes(data))
+            self._lengths = [LENGTH.unpack_from(data, i * 8)[0] for i in range(self._nparts)]
+            if sum(self._lengths) + self._meta_len > self.max_message:
+                raise ProtocolError(
+                    f"frame of {sum(self._lengths)} bytes exceeds the limit of {self.max_message}")
+            self._set(self._meta_len, "meta")
+        elif stage == "meta":
+            self._meta_b = bytes(data)
+            self._mac.update(self._meta_b)
+            self._start_part()
+        elif stage == "part":
+            self._mac.update(data)
+            self._parts.append(data)
+            self._start_part()
+        elif stage == "tag":
+            try:
+                self._mac.verify(bytes(data))
+            except Exception:
+                raise ProtocolError("frame failed authentication") from None
+            self.seq += 1
+            try:
+                meta = json.loads(self._meta_b) if self._meta_b else {}
+            except ValueError:
+                raise ProtocolError("frame metadata is not valid JSON") from None
+            if not isinstance(meta, dict):
+                raise ProtocolError("frame metadata is not an object")
+            frame = Frame(self._kind, meta, self._parts)
+            self._reset()
+            return frame
+        return None
+
+    def _start_part(self) -> None:
+        i = len(self._parts)
+        if i < len(self._lengths):
+            self._set(self._lengths[i], "part")
+        else:
+            self._set(TAG_SIZE, "tag")
+
+    def _set(self, size: int, stage: str) -> None:
+        self._stage, self._buf, self._pos = stage, bytearray(size), 0

@@ -1,0 +1,142 @@
+"""``serve``: what every rank of ``mpiexec -n N+1 python -m mpiengine serve`` runs.
+
+Rank 0 becomes the controller, the other ranks engines. Any exception that
+escapes either role aborts the whole MPI job, so no rank is left waiting in a
+collective for a peer that is gone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Optional
+
+from . import connection, fabric
+from . import protocol as P
+from .controller import Controller
+from .engine import Engine
+from .enginerank import EngineRank
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    connection_file: str
+    profile: str = "default"
+    ip: str = "127.0.0.1"
+    port: int = 0
+    max_message: int = P.DEFAULT_MAX_MESSAGE
+    idle_cap: float = 0.02
+
+
+def serve(opts: ServeOptions) -> int:
+    """Run this rank's role until the cluster is shut down; return an exit code."""
+    world = None
+    try:
+        world = fabric.World()
+        if world.is_controller:
+            return _controller(world, opts)
+        return _engine(world, opts)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        if world is not None:
+            world.abort(2)
+        raise
+
+
+def _engine(world: fabric.World, opts: ServeOptions) -> int:
+    engine = Engine(world.engine_id, comm=world.user, host=socket.gethostname())
+    world.exchange_info({"id": engine.id, "host": engine.host, "pid": os.getpid()})
+    EngineRank(world, engine, idle_cap=opts.idle_cap).run()
+    return 0
+
+
+def _controller(world: fabric.World, opts: ServeOptions) -> int:
+    path = opts.connection_file
+    _refuse_live_file(path)
+    engines = [e for e in world.exchange_info({}) if e]
+    ip = resolve_ip(opts.ip)
+    key = connection.ConnectionInfo.new(ip, 0).key
+    ctl = Controller(world, engines, ip, opts.port, bytes.fromhex(key), opts.max_message)
+    info = connection.ConnectionInfo(ip=_advertised(ip), port=ctl.address[1], key=key,
+                                     n_engines=world.n_engines, profile=opts.profile)
+    try:
+        connection.write(info, path)
+    except FileExistsError:
+        raise SystemExit(f"mpiengine: {path} appeared while starting; another cluster "
+                         f"uses it. Pass --connection-file or --profile.") from None
+    log.info("controller listening on %s:%d, %d engines", info.ip, info.port, world.n_engines)
+    sys.stderr.write(f"mpiengine: {world.n_engines} engines ready; connection file {path}\n")
+    sys.stderr.flush()
+    try:
+        ctl.run()
+    finally:
+        connection.remove(path, info)
+    return 0
+
+
+def _refuse_live_file(path: str) -> None:
+    """Stop if ``path`` belongs to a cluster that still answers; clear a stale one."""
+    if not os.path.exists(path):
+        return
+    try:
+        old = connection.read(path)
+    except Exception:
+        os.unlink(path)
+        return
+    try:
+        with socket.create_connection((old.ip, old.port), timeout=2.0):
+            pass
+    except OSError:
+        os.unlink(path)  # stale: that cluster is gone
+        return
+    raise SystemExit(f"mpiengine: a running cluster already uses {path} "
+                     f"({old.ip}:{old.port}, pid {old.pid}); stop it with 'mpiengine stop' "
+                     f"or choose another --profile / --connection-file")
+
+
+def resolve_ip(spec: str) -> str:
+    """Turn --ip (an address, an interface name, or '*') into an address to bind."""
+    if spec in ("*", "0.0.0.0", ""):
+        return "0.0.0.0"
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in spec else socket.AF_INET, spec)
+        return spec
+    except OSError:
+        pass
+    addr = _interface_address(spec)
+    if addr:
+        return addr
+    try:
+        return socket.gethostbyname(spec)
+    except OSError:
+        raise SystemExit(f"mpiengine: --ip {spec!r} is neither an address, an interface "
+                         f"name nor a resolvable host name") from None
+
+
+def _interface_address(name: str) -> Optional[str]:
+    import fcntl
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            packed = fcntl.ioctl(s.fileno(), 0x8915,  # SIOCGIFADDR
+                                 struct.pack("256s", name[:15].encode()))
+            return socket.inet_ntoa(packed[20:24])
+    except OSError:
+        return None
+
+
+def _advertised(bound: str) -> str:
+    """The address clients should dial: the bound one, or this host's for a wildcard."""
+    if bound != "0.0.0.0":
+        return bound
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

@@ -1,0 +1,242 @@
+"""The controller's client side: a non-blocking TCP server of authenticated frames.
+
+One thread (the controller's) drives everything with a selector. Each connection
+first runs the handshake of :mod:`protocol` (fixed sizes, nothing else read);
+a wrong proof closes it. After that, frames are received straight into their
+final buffers and handed to the controller only once authenticated. Any
+malformed or oversized frame closes that connection and nothing else.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import selectors
+import socket
+import time
+from typing import Any, Callable, Deque, Dict, List, Optional
+
+from . import protocol as P
+from .errors import AuthenticationError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+_IOV_MAX = 512
+
+
+class Conn:
+    """One client connection: handshake state, frame parser, output queue."""
+
+    _next_id = 0
+
+    def __init__(self, sock: socket.socket, addr: Any, key: bytes, max_message: int) -> None:
+        Conn._next_id += 1
+        self.id = Conn._next_id
+        self.sock = sock
+        self.addr = addr
+        self.key = key
+        self.max_message = max_message
+        self.opened = time.monotonic()
+        hello, self.nonce = P.server_hello()
+        self.out: Deque[memoryview] = collections.deque([memoryview(hello)])
+        self.auth_buf = bytearray(P.AUTH_SIZE)
+        self.auth_pos = 0
+        self.parser: Optional[P.FrameParser] = None
+        self.sender: Optional[P.Sender] = None
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<client {self.id} from {self.addr}>"
+
+    @property
+    def authenticated(self) -> bool:
+        return self.parser is not None
+
+    def read(self) -> List[P.Frame]:
+        """Read what is available; return complete frames. Raises on bad input or EOF."""
+        frames: List[P.Frame] = []
+        for _ in range(64):  # bounded, so one busy client cannot starve the others
+            if self.parser is None:
+                view = memoryview(self.auth_buf)[self.auth_pos:]
+            else:
+                view = self.parser.want()
+            try:
+                n = self.sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                break
+            if n == 0:
+                raise EOFError("client closed the connection")
+            if self.parser is None:
+                self.auth_pos += n
+                if self.auth_pos == P.AUTH_SIZE:
+                    proof, keys = P.server_check_auth(self.key, self.nonce, bytes(self.auth_buf))
+                    self.parser = P.FrameParser(keys.recv, self.max_message)
+                    self.sender = P.Sender(keys.send)
+                    self.out.append(memoryview(proof))
+            else:
+                frame = self.parser.advance(n)
+                if frame is not None:
+                    frames.append(frame)
+        return frames
+
+    def send(self, kind: int, meta: dict, parts: List[Any] = ()) -> None:
+        if self.closed or self.sender is None:
+            return
+        for chunk in self.sender.encode(kind, meta, parts):
+            self.out.append(memoryview(chunk).cast("B"))
+
+    def flush(self) -> bool:
+        """Write what the socket takes now; return True when everything is written."""
+        while self.out:
+            try:
+                n = self.sock.sendmsg(list(_head(self.out, _IOV_MAX)))
+            except (BlockingIOError, InterruptedError):
+                return False
+            while n:
+                first = self.out[0]
+                if n >= first.nbytes:
+                    n -= first.nbytes
+                    self.out.popleft()
+                else:
+                    self.out[0] = first[n:]
+                    n = 0
+        return True
+
+
+def _head(dq: Deque[Any], n: int) -> Any:
+    for i, item in enumerate(dq):
+        if i >= n:
+            break
+        yield item
+
+
+class Server:
+    """Accept clients, read their frames, write replies; all non-blocking."""
+
+    def __init__(self, ip: str, port: int, key: bytes, max_message: int,
+                 on_frame: Callable[[Conn, P.Frame], None],
+                 on_close: Callable[[Conn], None]) -> None:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((ip, port))
+        self.listener.listen(256)
+        self.listener.setblocking(False)
+        self.address = self.listener.getsockname()[:2]
+        self.key = key
+        self.max_message = max_message
+        self.on_frame = on_frame
+        self.on_close = on_close
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        self.conns: Dict[int, Conn] = {}
+        self._last_sweep = time.monotonic()
+
+    def poll(self, timeout: Optional[float]) -> bool:
+        """Serve socket events for up to ``timeout`` seconds; return True if any happened."""
+        events = self.sel.select(timeout)
+        for key, mask in events:
+            if key.data is None:
+                self._accept()
+                continue
+            conn: Conn = key.data
+            if mask & selectors.EVENT_READ and not conn.closed:
+                self._read(conn)
+            if mask & selectors.EVENT_WRITE and not conn.closed:
+                self._write(conn)
+        now = time.monotonic()
+        if now - self._last_sweep > 1.0:
+            self._last_sweep = now
+            self._sweep(now)
+        return bool(events)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. out of file descriptors: keep serving the others
+                log.warning("accept failed: %s", e)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Conn(sock, addr, self.key, self.max_message)
+            self.conns[conn.id] = conn
+            self.sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+            self._write(conn)
+
+    def _read(self, conn: Conn) -> None:
+        try:
+            frames = conn.read()
+        except (EOFError, ConnectionError) as e:
+            log.debug("%r closed: %s", conn, e)
+            self.close(conn)
+            return
+        except (ProtocolError, AuthenticationError) as e:
+            log.warning("%r refused: %s", conn, e)
+            self.close(conn)
+            return
+        except OSError as e:
+            log.debug("%r failed: %s", conn, e)
+            self.close(conn)
+            return
+        for frame in frames:
+            if conn.closed:
+                break
+            self.on_frame(conn, frame)
+        if conn.out and not conn.closed:  # e.g. the handshake proof
+            self._write(conn)
+
+    def send(self, conn: Conn, kind: int, meta: dict, parts: List[Any] = ()) -> None:
+        if conn.closed:
+            return
+        conn.send(kind, meta, parts)
+        self._write(conn)
+
+    def _write(self, conn: Conn) -> None:
+        try:
+            done = conn.flush()
+        except OSError as e:
+            log.debug("%r write failed: %s", conn, e)
+            self.close(conn)
+            return
+        mask = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
+        try:
+            self.sel.modify(conn.sock, mask, conn)
+        except (KeyError, ValueError):
+            pass
+
+    def _sweep(self, now: float) -> None:
+        for conn in list(self.conns.values()):
+            if not conn.authenticated and now - conn.opened > HANDSHAKE_TIMEOUT:
+                log.info("%r did not authenticate within %.0f s", conn, HANDSHAKE_TIMEOUT)
+                self.close(conn)
+
+    def close(self, conn: Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self.conns.pop(conn.id, None)
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+        self.on_close(conn)
+
+    def drain(self, timeout: float) -> None:
+        """Try to deliver queued output to every client for up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(c.out for c in self.conns.values()):
+            self.poll(0.01)
+
+    def shutdown(self) -> None:
+        for conn in list(self.conns.values()):
+            self.close(conn)
+        self.sel.unregister(self.listener)
+        self.listener.close()
+        self.sel.close()
