@@ -64,6 +64,7 @@ class MultiEngineClient:
     # --- defaults and validation ---------------------------------------------------------
     def get_ids(self) -> List[int]:
         """Return the engine ids, ``[0, 1, ..., N-1]``."""
+        self._chan._check()
         return list(self._ids)
 
     def _targets(self, targets: Targets) -> Tuple[Any, List[int]]:
@@ -109,8 +110,11 @@ class MultiEngineClient:
             return finish(values) if finish else values
 
         pr = PendingResult(self, rid, method, decode)
-        pr._reply_req = self._chan.request(
+        req = self._chan.request(
             kind, dict(meta, targets=spec, result_id=rid, block=block), list(parts))
+        # A blocking submission is answered with its result; a non-blocking one is
+        # not answered: its result waits at the controller for a fetch.
+        pr._reply_req = req if block else None
         if kind == P.EXECUTE:
             self._last = pr
         if not block:
@@ -162,14 +166,24 @@ class MultiEngineClient:
     def push(self, namespace: Dict[str, Any], targets: Targets = None,
              block: Optional[bool] = None, timeout: Optional[float] = None) -> Any:
         """Bind each name of the dict ``namespace`` on each target."""
-        if not isinstance(namespace, dict) or not all(isinstance(k, str) for k in namespace):
+        if not isinstance(namespace, dict):
             raise TypeError("push takes a dict of names to values, "
                             f"e.g. push(dict(a=1)); got {type(namespace).__name__}")
+        for key in namespace:
+            _check_name(key)
         data, buffers = payload.dumps(namespace)
         return self._submit(P.PUSH, targets, block, timeout, {"names": sorted(namespace)},
                             [data, *buffers], finish=_nones)
 
-    push_function = push
+    def push_function(self, namespace: Dict[str, Callable], targets: Targets = None,
+                      block: Optional[bool] = None, timeout: Optional[float] = None) -> Any:
+        """Push functions (also lambdas and closures) by name, like ``push``."""
+        if isinstance(namespace, dict):
+            for key, func in namespace.items():
+                if not callable(func):
+                    raise TypeError(f"push_function takes functions; {key!r} is a "
+                                    f"{type(func).__name__}")
+        return self.push(namespace, targets, block, timeout)
 
     def pull(self, keys: Union[str, Sequence[str]], targets: Targets = None,
              block: Optional[bool] = None, timeout: Optional[float] = None) -> Any:
@@ -309,7 +323,9 @@ def _inband(obj: Any) -> bytes:
 
 
 def _check_name(key: Any) -> None:
-    if not isinstance(key, str) or not key.isidentifier():
+    if not isinstance(key, str):
+        raise TypeError(f"a name on the engines must be a string; got {key!r}")
+    if not key.isidentifier():
         raise ValueError(f"a name on the engines must be a Python identifier; got {key!r}")
 
 

@@ -52,6 +52,7 @@ class Command:
 class Stored:
     meta: dict
     parts: List[Any]
+    kind: int = P.RESULT
 
 
 class Controller:
@@ -130,8 +131,15 @@ class Controller:
             else:
                 raise ValueError(f"{P.kind_name(frame.kind)} is not a request")
         except (ValueError, TypeError, KeyError, RuntimeError) as e:
-            self.server.send(conn, P.ERROR, {"req": req, "ename": type(e).__name__,
-                                             "evalue": str(e)})
+            refusal = {"ename": type(e).__name__, "evalue": str(e)}
+            rid = frame.meta.get("result_id")
+            if (frame.kind in P.ENGINE_OPS and not frame.meta.get("block", True)
+                    and isinstance(rid, str) and rid not in self.running
+                    and rid not in self.stored):
+                # Nobody waits on a non-blocking submission: keep the refusal for the fetch.
+                self.stored[rid] = Stored(refusal, [], P.ERROR)
+            else:
+                self.server.send(conn, P.ERROR, dict(refusal, req=req))
 
     def _targets(self, spec: Any) -> Tuple[int, ...]:
         if spec == "all" or spec is None:
@@ -204,7 +212,7 @@ class Controller:
             self.stored[cmd.result_id] = result
 
     def _deliver(self, conn: Conn, req: Any, result: Stored) -> None:
-        self.server.send(conn, P.RESULT, dict(result.meta, req=req), result.parts)
+        self.server.send(conn, result.kind, dict(result.meta, req=req), result.parts)
 
     def _on_close(self, conn: Conn) -> None:
         for rid, (c, _req) in list(self.waiters.items()):

@@ -98,9 +98,14 @@ class Engine:
         # Drop this module's own frames: the user wants to see their code.
         while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
             tb = tb.tb_next
-        text = "".join(traceback.format_exception(type(e), e, tb))
-        evalue = str(e) if not isinstance(e, SystemExit) else f"SystemExit({e.code!r}) in user code"
-        return {"engine_id": self.id, "method": method, "ename": type(e).__name__,
+        ename = type(e).__name__
+        if isinstance(e, SystemExit):
+            evalue = f"SystemExit({e.code!r}) in user code; the engine keeps running"
+        else:
+            evalue = _safe(lambda: str(e), f"<{ename} whose str() failed>")
+        text = _safe(lambda: "".join(traceback.format_exception(type(e), e, tb)),
+                     f"{ename}: {evalue}\n")
+        return {"engine_id": self.id, "method": method, "ename": ename,
                 "evalue": evalue, "traceback": text, "host": self.host}
 
     # --- operations ------------------------------------------------------------------------
@@ -182,6 +187,14 @@ class Engine:
 
     def _ping(self, cmd: Command) -> dict:
         return {"id": self.id, "host": self.host, "pid": os.getpid()}
+
+
+def _safe(func: Callable[[], str], default: str) -> str:
+    """Call ``func``; on any failure (user classes can break str()) return ``default``."""
+    try:
+        return func()
+    except BaseException:  # noqa: B902
+        return default
 
 
 def _decode_piece(meta: dict, piece: Optional[bytearray]) -> Any:
