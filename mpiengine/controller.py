@@ -27,6 +27,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from . import fabric
 from . import protocol as P
+from .doorbell import BellTower
 from .server import Conn, Server
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ class Stored:
 class Controller:
     def __init__(self, world: fabric.World, engines: List[dict], ip: str, port: int,
                  key: bytes, max_message: int = P.DEFAULT_MAX_MESSAGE,
-                 poll_cap: float = 0.01) -> None:
+                 poll_cap: float = 0.01, bells: Optional[BellTower] = None) -> None:
         self.world = world
+        self.bells = bells
         self.engines = engines
         self.n = world.n_engines
         self.server = Server(ip, port, key, max_message, self._on_frame, self._on_close)
@@ -98,6 +100,8 @@ class Controller:
                 backoff.reset()
         self.server.drain(5.0)
         self.server.shutdown()
+        if self.bells is not None:
+            self.bells.close()
 
     def _progress(self) -> bool:
         progressed = False
@@ -167,7 +171,7 @@ class Controller:
         engine_meta = {k: v for k, v in meta.items() if k not in ("req", "result_id", "block")}
         engine_meta.update(op=frame.kind, targets=list(targets),
                            parts=[len(p) for p in parts], seq=self.seq)
-        reqs, keep = self.world.send_header(json.dumps(engine_meta).encode())
+        reqs, keep = self._send_header(engine_meta)
         down, _up = self.world.group(targets)
         reqs += self.world.bcast_parts(down, parts)
         if scatter is not None:
@@ -184,6 +188,11 @@ class Controller:
         q.append(cmd)
         if len(q) == 1:
             self._post_sizes(cmd, targets)
+
+    def _send_header(self, meta: dict) -> Tuple[List[Any], List[Any]]:
+        if self.bells is not None:
+            self.bells.before_command()
+        return self.world.send_header(json.dumps(meta).encode())
 
     def _post_sizes(self, cmd: Command, targets: Tuple[int, ...]) -> None:
         req, buf = self.world.gather_sizes(self.world.group(targets)[1])
@@ -245,8 +254,7 @@ class Controller:
             raise KeyError(f"no result with id {rid!r}: it was already fetched or never existed")
 
     def _shutdown(self, conn: Conn, frame: P.Frame) -> None:
-        reqs, keep = self.world.send_header(
-            json.dumps({"op": P.SHUTDOWN, "targets": list(self.world.all)}).encode())
+        reqs, keep = self._send_header({"op": P.SHUTDOWN, "targets": list(self.world.all)})
         self.sends.append((reqs, keep))
         self.stopping = True
         self._reply(conn, frame, ok=True)

@@ -10,7 +10,8 @@ thread means signals (interrupts) reach it, and user MPI calls on ``comm`` never
 mix with the runtime's communicators.
 
 Idle, the listener polls with a growing back-off sleep (see :class:`fabric.Backoff`)
-and the main thread blocks on a queue: neither spins.
+and then sleeps on its doorbell (see :mod:`doorbell`); the main thread blocks on a
+queue: neither spins.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import threading
 from typing import Any, Deque, List, Optional, Tuple
 
 from . import fabric
+from .doorbell import DEEP_IDLE, DEEP_SLEEP, Bell
 from . import protocol as P
 from .engine import Command, Engine
 
@@ -30,13 +32,14 @@ log = logging.getLogger(__name__)
 
 
 class EngineRank:
-    def __init__(self, world: fabric.World, engine: Engine, idle_cap: float = 0.02) -> None:
+    def __init__(self, world: fabric.World, engine: Engine, bell: Bell,
+                 idle_cap: float = 0.02) -> None:
         self.world = world
         self.engine = engine
+        self.bell = bell
         self.idle_cap = idle_cap
         self.inbox: "queue.Queue[Optional[Command]]" = queue.Queue()
         self.outbox: Deque[Tuple[Command, Tuple[bytes, Any]]] = collections.deque()
-        self.wake = threading.Event()
         self.stopping = False
         self.main_done = threading.Event()
         self.error: Optional[BaseException] = None
@@ -59,13 +62,13 @@ class EngineRank:
                     else:
                         reply = self.engine.run(cmd)
                     self.outbox.append((cmd, reply))
-                    self.wake.set()
+                    self.bell.wake()
                 except KeyboardInterrupt:
                     # An interrupt that arrived just after user code ended: nothing to stop.
                     continue
         finally:
             self.main_done.set()
-            self.wake.set()
+            self.bell.wake()
         listener.join()
         if self.error is not None:
             raise RuntimeError("the engine's listener thread failed") from self.error
@@ -123,8 +126,17 @@ class EngineRank:
                 return
             if progressed:
                 backoff.reset()
+                continue
+            # Sleep in the kernel once idle with nothing in flight: the controller
+            # rings the doorbell before its next command, the main thread wakes us
+            # when a reply is ready, and the timeout is a safety net.
+            quiet = not sending and not incoming and header_open
+            if quiet and self.bell.connected and backoff.idle() > DEEP_IDLE:
+                woke = self.bell.sleep(DEEP_SLEEP)
             else:
-                backoff.sleep(self.wake)
+                woke = self.bell.sleep(backoff.next_delay())
+            if woke:
+                backoff.reset()
 
     _sentinel_sent = False
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -68,14 +67,12 @@ class Backoff:
             return self.first
         return min(self.cap, max(self.first, (idle - self.hot) * 0.25))
 
-    def sleep(self, event: Optional[threading.Event] = None) -> None:
-        d = self.next_delay()
-        if event is not None:
-            if event.wait(d):
-                event.clear()
-                self.reset()
-        else:
-            time.sleep(d)
+    def idle(self) -> float:
+        """Seconds since the last progress."""
+        return time.monotonic() - self._since
+
+    def sleep(self) -> None:
+        time.sleep(self.next_delay())
 
 
 def test(reqs: Requests) -> bool:
@@ -126,6 +123,10 @@ class World:
     def exchange_info(self, info: dict) -> Optional[List[dict]]:
         """Gather each engine's info dict at the controller (start-up only)."""
         return self.world.gather(info, root=0)
+
+    def share(self, obj: Any) -> Any:
+        """Broadcast a small object from the controller to every engine (start-up only)."""
+        return self.world.bcast(obj, root=0)
 
     def abort(self, code: int = 1) -> None:
         self.world.Abort(code)

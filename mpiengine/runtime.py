@@ -17,6 +17,7 @@ from typing import Optional
 from . import connection, fabric
 from . import protocol as P
 from .controller import Controller
+from .doorbell import Bell, BellTower
 from .engine import Engine
 from .enginerank import EngineRank
 
@@ -52,7 +53,16 @@ def serve(opts: ServeOptions) -> int:
 def _engine(world: fabric.World, opts: ServeOptions) -> int:
     engine = Engine(world.engine_id, comm=world.user, host=socket.gethostname())
     world.exchange_info({"id": engine.id, "host": engine.host, "pid": os.getpid()})
-    EngineRank(world, engine, idle_cap=opts.idle_cap).run()
+    tower = world.share(None)
+    bell = Bell()
+    addresses = tower["addresses"]
+    if engine.host == tower["host"]:
+        addresses = ["127.0.0.1"] + addresses
+    bell.connect(addresses, tower["port"], tower["token"], engine.id)
+    try:
+        EngineRank(world, engine, bell, idle_cap=opts.idle_cap).run()
+    finally:
+        bell.close()
     return 0
 
 
@@ -60,9 +70,15 @@ def _controller(world: fabric.World, opts: ServeOptions) -> int:
     path = opts.connection_file
     _refuse_live_file(path)
     engines = [e for e in world.exchange_info({}) if e]
+    host = socket.gethostname()
+    tower = BellTower(local_only=all(e["host"] == host for e in engines))
+    world.share({"host": host, "addresses": tower.addresses(host), "port": tower.port,
+                 "token": tower.token})
+    tower.accept(world.n_engines, timeout=30.0)
     ip = resolve_ip(opts.ip)
     key = connection.ConnectionInfo.new(ip, 0).key
-    ctl = Controller(world, engines, ip, opts.port, bytes.fromhex(key), opts.max_message)
+    ctl = Controller(world, engines, ip, opts.port, bytes.fromhex(key), opts.max_message,
+                     bells=tower)
     info = connection.ConnectionInfo(ip=_advertised(ip), port=ctl.address[1], key=key,
                                      n_engines=world.n_engines, profile=opts.profile)
     try:

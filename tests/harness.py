@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 #: The repository root: the ranks import ``mpiengine`` from here.
 REPO_ROOT = Path(__file__).resolve().parent.parent
