@@ -130,7 +130,16 @@ class MultiEngineClient:
             pr._reply_req = self._chan.request(P.FETCH, {"result_id": pr.result_id,
                                                          "block": block})
         # Without block the controller answers at once, ready or not.
-        frame = self._chan.wait(pr._reply_req, timeout if block else 30.0)
+        try:
+            frame = self._chan.wait(pr._reply_req, timeout if block else 30.0)
+        except KeyboardInterrupt:
+            # Ctrl-C: interrupt the engines running this command, then collect what
+            # they report (KeyboardInterrupt errors). A second Ctrl-C stops waiting.
+            self._control(P.INTERRUPT, {"result_id": pr.result_id, "targets": "all"},
+                          timeout=10.0)
+            frame = self._chan.wait(pr._reply_req, 30.0)
+            if frame is None:
+                raise
         if frame is None:
             return _NOT_READY  # the request stays under way; a later call reuses it
         pr._reply_req = None
@@ -267,6 +276,20 @@ class MultiEngineClient:
         """Return ``[(id, {'pending': running command, 'queue': [waiting]}), ...]``."""
         return [(i, d) for i, d in self._control(P.QUEUE_STATUS, {}, timeout=30.0)["status"]]
 
+    def interrupt(self, targets: Targets = None) -> List[int]:
+        """Raise KeyboardInterrupt in the user code running on the targets now.
+
+        Commands queued behind it still run. Returns the engine ids signalled.
+        """
+        spec, _ = self._targets(targets)
+        return self._control(P.INTERRUPT, {"targets": spec}, timeout=10.0)["engines"]
+
+    def stacks(self, targets: Targets = None, timeout: float = 10.0) -> Dict[int, str]:
+        """Return ``{engine id: current Python stack}``, also for engines stuck in MPI."""
+        spec, _ = self._targets(targets)
+        meta = self._control(P.STACKS, {"targets": spec}, timeout=timeout)
+        return {int(k): v for k, v in sorted(meta["stacks"].items(), key=lambda kv: int(kv[0]))}
+
     def shutdown(self) -> None:
         """Stop the engines and the controller, then close this client."""
         self._control(P.SHUTDOWN, {}, timeout=30.0)
@@ -343,7 +366,9 @@ def _names(keys: Any) -> Tuple[List[str], bool]:
 def _scatter_payload(seq: Any, k: int, what: str) -> Tuple[dict, List[Any], List[int]]:
     """Return (meta, parts, byte counts per target) for scattering ``seq`` over k targets."""
     seq = partition.as_sequence(seq, what)
-    if partition.is_array(seq) and not seq.dtype.hasobject:
+    if partition.is_array(seq) and seq.dtype.kind in "biufc" and 0 not in seq.shape[1:]:
+        # Plain numbers travel as raw bytes; structured, datetime and object arrays
+        # (and rows of width 0, which carry no bytes to count) go as pickles.
         import numpy
 
         arr = numpy.ascontiguousarray(seq)

@@ -32,6 +32,8 @@ from .server import Conn, Server
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_GRACE = 10.0
+
 
 @dataclass
 class Command:
@@ -74,8 +76,10 @@ class Controller:
         self.stored: Dict[str, Stored] = {}
         self.waiters: Dict[str, Tuple[Conn, Any]] = {}
         self.stopping = False
+        self.stack_reqs: Dict[int, dict] = {}
         self.handlers = {P.INFO: self._info, P.QUEUE_STATUS: self._queue_status,
-                         P.FETCH: self._fetch, P.SHUTDOWN: self._shutdown, P.CLOSE: self._close}
+                         P.FETCH: self._fetch, P.SHUTDOWN: self._shutdown, P.CLOSE: self._close,
+                         P.INTERRUPT: self._interrupt, P.STACKS: self._stacks}
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -85,9 +89,16 @@ class Controller:
     def run(self) -> None:
         backoff = fabric.Backoff(cap=self.poll_cap)
         while True:
-            busy = bool(self.sends or self.running)
+            busy = bool(self.sends or self.running or self.stack_reqs)
             if self.stopping and not busy:
                 break
+            if self.stopping and time.monotonic() > self.stop_deadline:
+                # Engines that cannot be interrupted (stuck in an MPI call of user code)
+                # would keep the job alive forever: end it.
+                log.warning("engines did not stop within %.0f s; aborting the job",
+                            SHUTDOWN_GRACE)
+                self.server.drain(1.0)
+                self.world.abort(4)
             timeout = backoff.next_delay() if busy else 1.0
             if timeout < 0.002:
                 # epoll counts whole milliseconds: sleep the short waits ourselves.
@@ -109,6 +120,8 @@ class Controller:
             before = len(self.sends)
             self.sends = [s for s in self.sends if not fabric.test(s[0])]
             progressed = len(self.sends) != before
+        if self.stack_reqs:
+            progressed |= self._collect_stacks()
         for targets, q in self.upq.items():
             while q and fabric.test(q[0].reqs):
                 progressed = True
@@ -257,7 +270,53 @@ class Controller:
         reqs, keep = self._send_header({"op": P.SHUTDOWN, "targets": list(self.world.all)})
         self.sends.append((reqs, keep))
         self.stopping = True
+        self.stop_deadline = time.monotonic() + SHUTDOWN_GRACE
         self._reply(conn, frame, ok=True)
+
+    def _interrupt(self, conn: Conn, frame: P.Frame) -> None:
+        targets = self._targets(frame.meta.get("targets"))
+        seq = None
+        rid = frame.meta.get("result_id")
+        if rid is not None:
+            cmd = self.running.get(str(rid))
+            if cmd is None:  # finished already: nothing to interrupt
+                self._reply(conn, frame, engines=[])
+                return
+            seq = cmd.seq
+            targets = tuple(t for t in cmd.targets if t in targets)
+        reqs, keep = self._send_header({"op": P.INTERRUPT, "targets": list(targets), "seq": seq})
+        self.sends.append((reqs, keep))
+        self._reply(conn, frame, engines=list(targets))
+
+    def _stacks(self, conn: Conn, frame: P.Frame) -> None:
+        targets = self._targets(frame.meta.get("targets"))
+        sid = self.seq
+        self.seq += 1
+        reqs, keep = self._send_header({"op": P.STACKS, "targets": list(targets), "sid": sid})
+        self.sends.append((reqs, keep))
+        self.stack_reqs[sid] = {"conn": conn, "req": frame.meta.get("req"),
+                                "want": set(targets), "stacks": {}, "busy": {}}
+
+    def _collect_stacks(self) -> bool:
+        got = False
+        for _ in range(64):
+            msg = self.world.recv_ctl()
+            if msg is None:
+                break
+            got = True
+            _engine, data = msg
+            reply = json.loads(data)
+            pending = self.stack_reqs.get(reply.get("sid"))
+            if pending is None:
+                continue
+            pending["stacks"][str(reply["id"])] = reply["stack"]
+            pending["busy"][str(reply["id"])] = reply["busy"]
+            if set(int(k) for k in pending["stacks"]) >= pending["want"]:
+                del self.stack_reqs[reply["sid"]]
+                self.server.send(pending["conn"], P.RESULT,
+                                 {"req": pending["req"], "stacks": pending["stacks"],
+                                  "busy": pending["busy"]})
+        return got
 
     def _close(self, conn: Conn, frame: P.Frame) -> None:
         self.server.close(conn)

@@ -38,6 +38,13 @@ class Command:
         self.reqs: List[Any] = []
 
 
+class _Capture(io.StringIO):
+    """Captured output that user code cannot lose by closing ``sys.stdout``."""
+
+    def close(self) -> None:
+        pass
+
+
 class _Failed(Exception):
     """Carries a value to return alongside an error (execute's partial output)."""
 
@@ -79,10 +86,11 @@ class Engine:
             reply = {"ok": False, "value": None, "error": self.error_record(e, method)}
         return self._pack(reply, method)
 
-    def cancelled(self, cmd: Command, why: str) -> Tuple[bytes, Any]:
+    def cancelled(self, cmd: Command, why: str,
+                  ename: str = "CancelledError") -> Tuple[bytes, Any]:
         """Reply for a command that was dropped without running."""
         method = P.kind_name(cmd.op)
-        rec = {"engine_id": self.id, "method": method, "ename": "CancelledError",
+        rec = {"engine_id": self.id, "method": method, "ename": ename,
                "evalue": why, "traceback": "", "host": self.host}
         return self._pack({"ok": False, "value": None, "error": rec}, method)
 
@@ -103,6 +111,8 @@ class Engine:
             evalue = f"SystemExit({e.code!r}) in user code; the engine keeps running"
         else:
             evalue = _safe(lambda: str(e), f"<{ename} whose str() failed>")
+        if isinstance(e, SyntaxError):  # where it was parsed is noise: show the code
+            tb = None
         text = _safe(lambda: "".join(traceback.format_exception(type(e), e, tb)),
                      f"{ename}: {evalue}\n")
         return {"engine_id": self.id, "method": method, "ename": ename,
@@ -113,7 +123,7 @@ class Engine:
         code = cmd.meta["code"]
         self.count += 1
         n = self.count
-        out, err = io.StringIO(), io.StringIO()
+        out, err = _Capture(), _Capture()
         result = {"id": self.id, "number": n, "input": {"raw": code, "translated": code},
                   "stdout": "", "stderr": ""}
         saved = sys.stdout, sys.stderr

@@ -18,9 +18,12 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import queue
 import signal
+import sys
 import threading
+import traceback
 from typing import Any, Deque, List, Optional, Tuple
 
 from . import fabric
@@ -39,8 +42,11 @@ class EngineRank:
         self.bell = bell
         self.idle_cap = idle_cap
         self.inbox: "queue.Queue[Optional[Command]]" = queue.Queue()
+        self._ctl_out: Deque[bytes] = collections.deque()
         self.outbox: Deque[Tuple[Command, Tuple[bytes, Any]]] = collections.deque()
         self.stopping = False
+        self.current: Optional[int] = None      # seq of the command the main thread runs
+        self.cancelled: set = set()             # seqs interrupted before they started
         self.main_done = threading.Event()
         self.error: Optional[BaseException] = None
 
@@ -57,10 +63,17 @@ class EngineRank:
                     cmd = self.inbox.get()
                     if cmd is None:
                         break
+                    seq = cmd.meta.get("seq")
+                    self.current = seq
                     if self.stopping:
                         reply = self.engine.cancelled(cmd, "the cluster is shutting down")
+                    elif seq in self.cancelled:
+                        self.cancelled.discard(seq)
+                        reply = self.engine.cancelled(cmd, "interrupted before it started",
+                                                      ename="KeyboardInterrupt")
                     else:
                         reply = self.engine.run(cmd)
+                    self.current = None
                     self.outbox.append((cmd, reply))
                     self.bell.wake()
                 except KeyboardInterrupt:
@@ -115,6 +128,9 @@ class EngineRank:
             if not header_open and not incoming and not self._sentinel_sent:
                 self.inbox.put(None)
                 self._sentinel_sent = True
+            while self._ctl_out:
+                sending.append(world.send_ctl(self._ctl_out.popleft()))
+                progressed = True
             while self.outbox:
                 cmd, (m, d) = self.outbox.popleft()
                 sending.append(world.send_reply(world.group(cmd.targets)[1], m, d))
@@ -150,6 +166,18 @@ class EngineRank:
             return True
         if me not in targets:
             return False
+        if op == P.INTERRUPT:
+            seq = meta.get("seq")
+            if seq is not None:
+                self.cancelled.add(seq)
+            if seq is None or self.current == seq:
+                self._interrupt_main()
+            return False
+        if op == P.STACKS:
+            self._ctl_out.append(json.dumps({"sid": meta["sid"], "id": me,
+                                             "busy": self.current is not None,
+                                             "stack": main_stack(self.current is not None)}).encode())
+            return False
         down, _up = self.world.group(targets)
         cmd = Command(op, meta, targets)
         cmd.reqs, cmd.parts = self.world.recv_parts(down, meta.get("parts", []))
@@ -159,3 +187,19 @@ class EngineRank:
             cmd.reqs.append(r)
         incoming.append(cmd)
         return False
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def main_stack(busy: bool) -> str:
+    """Return the main thread's Python stack, without this package's own frames."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None or not busy:
+        return "(idle: waiting for a command)"
+    entries = traceback.extract_stack(frame)
+    ours = [i for i, e in enumerate(entries)
+            if os.path.abspath(e.filename).startswith(_PACKAGE_DIR + os.sep)]
+    # User code is what the package called: the frames after its last frame.
+    user = entries[ours[-1] + 1:] if ours else entries
+    return "".join(traceback.format_list(user))

@@ -131,7 +131,9 @@ class RemoteError(MPIEngineError):
 
 def _builtin_exception(ename: str) -> Optional[type]:
     cls = getattr(builtins, ename, None)
-    if isinstance(cls, type) and issubclass(cls, BaseException):
+    # Only Exception subclasses: re-raising a remote SystemExit or KeyboardInterrupt
+    # in the client would end the user's session instead of reporting.
+    if isinstance(cls, type) and issubclass(cls, Exception):
         return cls
     return None
 

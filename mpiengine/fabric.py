@@ -112,6 +112,7 @@ class World:
         self.world = world
         self.hdr = world.Dup()
         self.parent = world.Dup()
+        self.ctl = world.Dup()
         self.all = tuple(range(self.n_engines))
         self._groups: Dict[Tuple[int, ...], Tuple[Any, Any]] = {
             self.all: (world.Dup(), world.Dup())}
@@ -216,6 +217,21 @@ class World:
     def recv_scatter(self, down: Any, count: int) -> Tuple[Any, bytearray]:
         buf = bytearray(count)
         return down.Iscatterv(None, [buf, MPI.BYTE], root=0), buf
+
+    # --- engine-initiated control messages (stacks; small, point to point) -------------
+    def send_ctl(self, data: bytes) -> Tuple[Requests, List[Any]]:
+        buf = bytearray(data)
+        return [self.ctl.Isend([buf, MPI.BYTE], dest=0, tag=1)], [buf]
+
+    def recv_ctl(self) -> Optional[Tuple[int, bytes]]:
+        """Return (engine id, bytes) of one waiting control message, or None."""
+        status = MPI.Status()
+        msg = self.ctl.Improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)
+        if msg is None:
+            return None
+        buf = bytearray(status.Get_count(MPI.BYTE))
+        msg.Recv([buf, MPI.BYTE])
+        return status.Get_source() - 1, bytes(buf)
 
     def send_reply(self, up: Any, meta: Any, data: Any) -> Requests:
         m, d = memoryview(meta), memoryview(data)

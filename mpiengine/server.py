@@ -44,6 +44,7 @@ class Conn:
         self.parser: Optional[P.FrameParser] = None
         self.sender: Optional[P.Sender] = None
         self.closed = False
+        self.eof = False
 
     def __repr__(self) -> str:
         return f"<client {self.id} from {self.addr}>"
@@ -65,7 +66,8 @@ class Conn:
             except (BlockingIOError, InterruptedError):
                 break
             if n == 0:
-                raise EOFError("client closed the connection")
+                self.eof = True  # frames read before the close are still delivered
+                break
             if self.parser is None:
                 self.auth_pos += n
                 if self.auth_pos == P.AUTH_SIZE:
@@ -185,7 +187,10 @@ class Server:
             if conn.closed:
                 break
             self.on_frame(conn, frame)
-        if conn.out and not conn.closed:  # e.g. the handshake proof
+        if conn.eof:
+            log.debug("%r closed by the client", conn)
+            self.close(conn)
+        elif conn.out and not conn.closed:  # e.g. the handshake proof
             self._write(conn)
 
     def send(self, conn: Conn, kind: int, meta: dict, parts: List[Any] = ()) -> None:
