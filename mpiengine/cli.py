@@ -71,7 +71,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         build_parser().print_help()
         return 2
     try:
-        path = connection.resolve_path(args.connection_file, args.profile)
+        # With both, the file is where the cluster's file lives and the profile its name.
+        profile = None if args.connection_file else args.profile
+        path = connection.resolve_path(args.connection_file, profile)
     except ValueError as e:
         print(f"mpiengine: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ holds each engine's error. This module imports neither mpi4py nor IPython.
 from __future__ import annotations
 
 import secrets
+import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import connection, partition, payload
@@ -50,6 +51,11 @@ class MultiEngineClient:
         self._last: Any = None
         self.block = True
         self.targets: Targets = "all"
+        #: Called as ``on_output(engine_id, 'stdout' or 'stderr', text)`` with the live
+        #: output of long-running blocking commands; None turns live output off.
+        self.on_output: Optional[Callable[[int, str, str], None]] = print_output
+        self._partial: Dict[Tuple[int, str], str] = {}
+        self._chan.on_event = self._on_event
 
     def __repr__(self) -> str:
         return (f"<MultiEngineClient {len(self._ids)} engines at "
@@ -146,6 +152,21 @@ class MultiEngineClient:
         if frame.kind == P.NOT_READY:
             return _NOT_READY
         return frame
+
+    def _on_event(self, frame: P.Frame) -> None:
+        """Reader thread: live output of a running command arrived."""
+        handler = self.on_output
+        if frame.kind != P.STREAM or handler is None:
+            return
+        eid = int(frame.meta["id"])
+        for name, text in frame.meta.get("chunks", []):
+            # Whole lines only: a line split across chunks waits for its end.
+            text = self._partial.pop((eid, name), "") + text
+            head, sep, tail = text.rpartition("\n")
+            if tail:
+                self._partial[(eid, name)] = tail
+            if sep:
+                handler(eid, name, head + sep)
 
     def get_pending(self, result_id: str) -> PendingResult:
         """Return a PendingResult for a result id from this or an earlier client."""
@@ -332,6 +353,13 @@ class ParallelFunction:
 
 
 # --- helpers --------------------------------------------------------------------------------
+def print_output(engine_id: int, name: str, text: str) -> None:
+    """The default live-output handler: ``[stdout:2] line`` on this process's stdout/stderr."""
+    out = sys.stderr if name == "stderr" else sys.stdout
+    out.write("".join(f"[{name}:{engine_id}] {line}\n" for line in text.splitlines()))
+    out.flush()
+
+
 def _nones(values: List[Any]) -> List[None]:
     return [None] * len(values)
 

@@ -72,6 +72,7 @@ class Controller:
         self.sends: List[Tuple[List[Any], List[Any]]] = []
         self.upq: Dict[Tuple[int, ...], Deque[Command]] = {}
         self.running: Dict[str, Command] = {}
+        self.by_seq: Dict[int, Command] = {}
         self.queues: List[Deque[str]] = [collections.deque() for _ in range(self.n)]
         self.stored: Dict[str, Stored] = {}
         self.waiters: Dict[str, Tuple[Conn, Any]] = {}
@@ -120,8 +121,8 @@ class Controller:
             before = len(self.sends)
             self.sends = [s for s in self.sends if not fabric.test(s[0])]
             progressed = len(self.sends) != before
-        if self.stack_reqs:
-            progressed |= self._collect_stacks()
+        if self.stack_reqs or self.running:
+            progressed |= self._collect_ctl()
         for targets, q in self.upq.items():
             while q and fabric.test(q[0].reqs):
                 progressed = True
@@ -195,6 +196,7 @@ class Controller:
                       bool(meta.get("block", True)), description)
         self.seq += 1
         self.running[result_id] = cmd
+        self.by_seq[cmd.seq] = cmd
         for t in targets:
             self.queues[t].append(description)
         q = self.upq.setdefault(targets, collections.deque())
@@ -220,6 +222,7 @@ class Controller:
 
     def _complete(self, cmd: Command) -> None:
         del self.running[cmd.result_id]
+        del self.by_seq[cmd.seq]
         for t in cmd.targets:
             self.queues[t].popleft()
         meta = {"result_id": cmd.result_id, "op": cmd.op, "engines": list(cmd.targets),
@@ -297,26 +300,42 @@ class Controller:
         self.stack_reqs[sid] = {"conn": conn, "req": frame.meta.get("req"),
                                 "want": set(targets), "stacks": {}, "busy": {}}
 
-    def _collect_stacks(self) -> bool:
+    def _collect_ctl(self) -> bool:
+        """Take the engines' own messages: live output and stack replies."""
         got = False
         for _ in range(64):
             msg = self.world.recv_ctl()
             if msg is None:
                 break
             got = True
-            _engine, data = msg
-            reply = json.loads(data)
-            pending = self.stack_reqs.get(reply.get("sid"))
-            if pending is None:
-                continue
-            pending["stacks"][str(reply["id"])] = reply["stack"]
-            pending["busy"][str(reply["id"])] = reply["busy"]
-            if set(int(k) for k in pending["stacks"]) >= pending["want"]:
-                del self.stack_reqs[reply["sid"]]
-                self.server.send(pending["conn"], P.RESULT,
-                                 {"req": pending["req"], "stacks": pending["stacks"],
-                                  "busy": pending["busy"]})
+            reply = json.loads(msg[1])
+            if reply.get("kind") == "stream":
+                self._forward_stream(reply)
+            else:
+                self._add_stack(reply)
         return got
+
+    def _forward_stream(self, reply: dict) -> None:
+        cmd = self.by_seq.get(reply.get("seq"))
+        if cmd is None:
+            return
+        waiter = self.waiters.get(cmd.result_id)
+        conn = waiter[0] if waiter else (cmd.conn if cmd.deliver else None)
+        if conn is not None and not conn.closed:
+            self.server.send(conn, P.STREAM, {"result_id": cmd.result_id, "id": reply["id"],
+                                             "chunks": reply["chunks"]})
+
+    def _add_stack(self, reply: dict) -> None:
+        pending = self.stack_reqs.get(reply.get("sid"))
+        if pending is None:
+            return
+        pending["stacks"][str(reply["id"])] = reply["stack"]
+        pending["busy"][str(reply["id"])] = reply["busy"]
+        if set(int(k) for k in pending["stacks"]) >= pending["want"]:
+            del self.stack_reqs[reply["sid"]]
+            self.server.send(pending["conn"], P.RESULT,
+                             {"req": pending["req"], "stacks": pending["stacks"],
+                              "busy": pending["busy"]})
 
     def _close(self, conn: Conn, frame: P.Frame) -> None:
         self.server.close(conn)

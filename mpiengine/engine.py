@@ -39,7 +39,20 @@ class Command:
 
 
 class _Capture(io.StringIO):
-    """Captured output that user code cannot lose by closing ``sys.stdout``."""
+    """Captured output that user code cannot lose by closing ``sys.stdout``.
+
+    Each write is also offered to ``sink(name, text)`` (live output), if given.
+    """
+
+    def __init__(self, name: str = "stdout", sink: Optional[Callable[[str, str], None]] = None):
+        super().__init__()
+        self.name, self.sink = name, sink
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        if self.sink is not None and text:
+            self.sink(self.name, text)
+        return n
 
     def close(self) -> None:
         pass
@@ -62,6 +75,8 @@ class Engine:
         self.count = 0
         self.ns: Dict[str, Any] = {}
         self.in_user_code = False
+        #: Called with (name, text) for every write of user code: live output.
+        self.sink: Optional[Callable[[str, str], None]] = None
         self.reset()
         self._ops: Dict[int, Callable[[Command], Any]] = {
             P.EXECUTE: self._execute, P.PUSH: self._push, P.PULL: self._pull,
@@ -123,7 +138,7 @@ class Engine:
         code = cmd.meta["code"]
         self.count += 1
         n = self.count
-        out, err = _Capture(), _Capture()
+        out, err = _Capture("stdout", self.sink), _Capture("stderr", self.sink)
         result = {"id": self.id, "number": n, "input": {"raw": code, "translated": code},
                   "stdout": "", "stderr": ""}
         saved = sys.stdout, sys.stderr

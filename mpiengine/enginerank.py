@@ -23,6 +23,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Deque, List, Optional, Tuple
 
@@ -32,6 +33,12 @@ from . import protocol as P
 from .engine import Command, Engine
 
 log = logging.getLogger(__name__)
+
+#: A command's output is streamed to the client once it has run this long
+#: (shorter commands show their output in the result only) ...
+STREAM_AFTER = 0.2
+#: ... in chunks at most this often.
+STREAM_EVERY = 0.2
 
 
 class EngineRank:
@@ -43,6 +50,11 @@ class EngineRank:
         self.idle_cap = idle_cap
         self.inbox: "queue.Queue[Optional[Command]]" = queue.Queue()
         self._ctl_out: Deque[bytes] = collections.deque()
+        self._stream: Deque[Tuple[int, str, str]] = collections.deque()
+        self._streamed: set = set()        # seqs whose output went out live
+        self._last_flush = 0.0
+        self.started = 0.0
+        engine.sink = self._sink
         self.outbox: Deque[Tuple[Command, Tuple[bytes, Any]]] = collections.deque()
         self.stopping = False
         self.current: Optional[int] = None      # seq of the command the main thread runs
@@ -64,6 +76,7 @@ class EngineRank:
                     if cmd is None:
                         break
                     seq = cmd.meta.get("seq")
+                    self.started = time.monotonic()
                     self.current = seq
                     if self.stopping:
                         reply = self.engine.cancelled(cmd, "the cluster is shutting down")
@@ -128,6 +141,7 @@ class EngineRank:
             if not header_open and not incoming and not self._sentinel_sent:
                 self.inbox.put(None)
                 self._sentinel_sent = True
+            self._flush_stream(me)
             while self._ctl_out:
                 sending.append(world.send_ctl(self._ctl_out.popleft()))
                 progressed = True
@@ -146,15 +160,53 @@ class EngineRank:
             # Sleep in the kernel once idle with nothing in flight: the controller
             # rings the doorbell before its next command, the main thread wakes us
             # when a reply is ready, and the timeout is a safety net.
-            quiet = not sending and not incoming and header_open
+            quiet = not sending and not incoming and header_open and not self._stream
             if quiet and self.bell.connected and backoff.idle() > DEEP_IDLE:
                 woke = self.bell.sleep(DEEP_SLEEP)
             else:
-                woke = self.bell.sleep(backoff.next_delay())
+                delay = backoff.next_delay()
+                if self._stream:  # wake in time for the next chunk of live output
+                    due = max(self.started + STREAM_AFTER, self._last_flush + STREAM_EVERY)
+                    delay = max(0.0, min(delay, due - time.monotonic()))
+                woke = self.bell.sleep(delay)
             if woke:
                 backoff.reset()
 
     _sentinel_sent = False
+
+    # --- live output ---------------------------------------------------------------------
+    def _sink(self, name: str, text: str) -> None:
+        """Main thread: user code wrote ``text``; the listener decides when it goes out."""
+        was_empty = not self._stream
+        self._stream.append((self.current, name, text))
+        if was_empty:
+            self.bell.wake()
+
+    def _flush_stream(self, me: int) -> None:
+        """Send buffered output of long-running commands; drop that of short ones."""
+        if not self._stream:
+            return
+        now = time.monotonic()
+        running = self.current
+        live = running is not None and now - self.started >= STREAM_AFTER
+        if live and now - self._last_flush < STREAM_EVERY:
+            return
+        chunks: dict = {}
+        while self._stream:
+            seq, name, text = self._stream[0]
+            if seq == running and not live:
+                break  # too early to tell whether this command is a long one
+            self._stream.popleft()
+            if seq == running or seq in self._streamed:
+                chunks.setdefault(seq, []).append([name, text])
+            # else: a command that ended quickly; its result holds the output
+        for seq, parts in chunks.items():
+            self._streamed.add(seq)
+            self._ctl_out.append(json.dumps({"kind": "stream", "seq": seq, "id": me,
+                                             "chunks": _merge(parts)}).encode())
+        self._streamed = {s for s in self._streamed if s == running}
+        if chunks:
+            self._last_flush = now
 
     def _on_header(self, meta: dict, me: int, incoming: Deque[Command]) -> bool:
         """Handle one command header; return True if it was the shutdown command."""
@@ -174,7 +226,7 @@ class EngineRank:
                 self._interrupt_main()
             return False
         if op == P.STACKS:
-            self._ctl_out.append(json.dumps({"sid": meta["sid"], "id": me,
+            self._ctl_out.append(json.dumps({"kind": "stacks", "sid": meta["sid"], "id": me,
                                              "busy": self.current is not None,
                                              "stack": main_stack(self.current is not None)}).encode())
             return False
@@ -203,3 +255,14 @@ def main_stack(busy: bool) -> str:
     # User code is what the package called: the frames after its last frame.
     user = entries[ours[-1] + 1:] if ours else entries
     return "".join(traceback.format_list(user))
+
+
+def _merge(parts: list) -> list:
+    """Join consecutive writes to the same stream: fewer, larger chunks."""
+    out: list = []
+    for name, text in parts:
+        if out and out[-1][0] == name:
+            out[-1][1] += text
+        else:
+            out.append([name, text])
+    return out
