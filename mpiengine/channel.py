@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import select
 import socket
+import ssl
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 from . import protocol as P
+from . import tls
 from .connection import ConnectionInfo
 from .errors import AuthenticationError, ClusterLost, ConnectError, ProtocolError
 
@@ -47,6 +50,8 @@ class Channel:
                 f"Is the cluster still running? ('mpiengine status')") from e
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if info.tls:
+                sock = tls.wrap_client(sock, str(info.tls.get("fingerprint", "")), self.where)
             key = info.key_bytes
             hello = _recv_exact(sock, P.HELLO_SIZE)
             auth, nonce_s, nonce_c = P.client_auth(key, hello)
@@ -68,7 +73,11 @@ class Channel:
         except (OSError, EOFError, ProtocolError) as e:
             sock.close()
             raise ConnectError(f"handshake with {self.where} failed: {e}") from e
-        sock.settimeout(None)
+        # An SSL object must not be read and written by two threads at once: with TLS
+        # the socket is non-blocking and every SSL call is made under one lock.
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self._io_lock = threading.Lock()
+        sock.settimeout(0.0 if self.tls else None)
         self.sock = sock
         self.sender = P.Sender(keys.send)
         self.parser = P.FrameParser(keys.recv, max_message)
@@ -98,6 +107,19 @@ class Channel:
         return req
 
     def _sendv(self, views: List[memoryview]) -> None:
+        if self.tls:
+            for view in views:
+                while view.nbytes:
+                    with self._io_lock:
+                        try:
+                            n = self.sock.send(view)
+                        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                            n = 0
+                    if n:
+                        view = view[n:]
+                    else:
+                        select.select([], [self.sock], [], 1.0)
+            return
         i = 0
         while i < len(views):
             n = self.sock.sendmsg(views[i:i + _IOV_MAX])
@@ -114,7 +136,9 @@ class Channel:
         try:
             while True:
                 view = self.parser.want()
-                n = self.sock.recv_into(view)
+                n = self._recv_into(view)
+                if n is None:
+                    continue
                 if n == 0:
                     raise EOFError("the controller closed the connection")
                 frame = self.parser.advance(n)
@@ -131,6 +155,19 @@ class Channel:
         except BaseException as e:  # noqa: B902 - every way out must wake the waiters
             self._fail(e)
 
+    def _recv_into(self, view: memoryview) -> Optional[int]:
+        if not self.tls:
+            return self.sock.recv_into(view)
+        if not self.sock.pending():
+            select.select([self.sock], [], [], 1.0)
+            if self.closed:
+                raise EOFError("client closed")
+        with self._io_lock:
+            try:
+                return self.sock.recv_into(view)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return None
+
     def _fail(self, e: BaseException) -> None:
         with self._cond:
             if self.broken is None:
@@ -140,6 +177,8 @@ class Channel:
     def _check(self) -> None:
         if self.closed:
             raise ValueError("this client is closed; create a new MultiEngineClient")
+        if isinstance(self.broken, ClusterLost):
+            raise ClusterLost(str(self.broken))
         if self.broken is not None:
             raise ClusterLost(
                 f"lost the connection to the controller at {self.where}: "

@@ -33,6 +33,9 @@ def _add_listen(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ip", default="127.0.0.1",
                    help="address, interface name (eth0) or '*' to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="TCP port (default: any free port)")
+    p.add_argument("--tls", choices=("auto", "on", "off"), default="auto",
+                   help="encrypt client traffic with a per-job certificate; auto: on unless "
+                        "listening on loopback (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,14 +88,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             kw["max_message"] = args.max_message_size
         return runtime.serve(runtime.ServeOptions(
             connection_file=path, profile=args.profile or "default", ip=args.ip,
-            port=args.port, **kw))
+            port=args.port, tls=args.tls, **kw))
 
     from . import launcher
 
     try:
         if args.verb == "start":
             return launcher.start(args.engines, path, args.profile, args.ip, args.port,
-                                  args.timeout)
+                                  args.timeout, args.tls)
         if args.verb == "stop":
             return launcher.stop(path, args.timeout)
         return launcher.status(path, args.timeout)

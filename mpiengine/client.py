@@ -155,6 +155,9 @@ class MultiEngineClient:
 
     def _on_event(self, frame: P.Frame) -> None:
         """Reader thread: live output of a running command arrived."""
+        if frame.kind == P.LOST:
+            self._chan._fail(ClusterLost(frame.meta.get("message", "an engine died")))
+            return
         handler = self.on_output
         if frame.kind != P.STREAM or handler is None:
             return

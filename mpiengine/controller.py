@@ -61,12 +61,14 @@ class Stored:
 class Controller:
     def __init__(self, world: fabric.World, engines: List[dict], ip: str, port: int,
                  key: bytes, max_message: int = P.DEFAULT_MAX_MESSAGE,
-                 poll_cap: float = 0.01, bells: Optional[BellTower] = None) -> None:
+                 poll_cap: float = 0.01, bells: Optional[BellTower] = None,
+                 ssl_context: Any = None) -> None:
         self.world = world
         self.bells = bells
         self.engines = engines
         self.n = world.n_engines
-        self.server = Server(ip, port, key, max_message, self._on_frame, self._on_close)
+        self.server = Server(ip, port, key, max_message, self._on_frame, self._on_close,
+                             ssl_context)
         self.poll_cap = poll_cap
         self.seq = 0
         self.sends: List[Tuple[List[Any], List[Any]]] = []
@@ -78,6 +80,10 @@ class Controller:
         self.waiters: Dict[str, Tuple[Conn, Any]] = {}
         self.stopping = False
         self.stack_reqs: Dict[int, dict] = {}
+        self.lost_note: Optional[str] = None  # where to leave word of a dead engine
+        self.lost = False
+        if bells is not None:
+            bells.watch(self.server, self._engine_lost)
         self.handlers = {P.INFO: self._info, P.QUEUE_STATUS: self._queue_status,
                          P.FETCH: self._fetch, P.SHUTDOWN: self._shutdown, P.CLOSE: self._close,
                          P.INTERRUPT: self._interrupt, P.STACKS: self._stacks}
@@ -336,6 +342,25 @@ class Controller:
             self.server.send(pending["conn"], P.RESULT,
                              {"req": pending["req"], "stacks": pending["stacks"],
                               "busy": pending["busy"]})
+
+    def _engine_lost(self, engine_id: int) -> None:
+        """An engine's process is gone: tell every client, leave a note, end the job."""
+        if self.stopping or self.lost:
+            return  # engines exit at shutdown: not a loss; and report a loss once
+        self.lost = True
+        e = next((x for x in self.engines if x.get("id") == engine_id), {"id": engine_id})
+        text = (f"engine {engine_id} (pid {e.get('pid', '?')} on {e.get('host', '?')}) died; "
+                f"MPI ends the whole job, so the cluster is gone")
+        log.error(text)
+        if self.lost_note:
+            try:
+                with open(self.lost_note, "w") as f:
+                    json.dump({"engine": engine_id, "message": text, "time": time.time()}, f)
+            except OSError:
+                pass
+        self.server.broadcast(P.LOST, {"engine": engine_id, "message": text})
+        self.server.drain(0.5)
+        self.world.abort(5)
 
     def _close(self, conn: Conn, frame: P.Frame) -> None:
         self.server.close(conn)

@@ -24,7 +24,7 @@ import select
 import socket
 import struct
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,22 @@ class BellTower:
                     sock.close()
                     del self.bells[engine_id]
         self.last_command = now
+
+    def watch(self, server: Any, on_lost: Callable[[int], None]) -> None:
+        """Have ``server`` report an engine whose doorbell closed: its process died."""
+        for engine_id, sock in self.bells.items():
+            server.watch(sock, lambda i=engine_id, s=sock: self._check(i, s, on_lost))
+
+    @staticmethod
+    def _check(engine_id: int, sock: socket.socket, on_lost: Callable[[int], None]) -> None:
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            on_lost(engine_id)
 
     def close(self) -> None:
         for sock in self.bells.values():

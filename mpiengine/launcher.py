@@ -65,7 +65,8 @@ def _try_connect(path: str, timeout: float) -> Optional[MultiEngineClient]:
         return None
 
 
-def start(n: int, path: str, profile: Optional[str], ip: str, port: int, timeout: float) -> int:
+def start(n: int, path: str, profile: Optional[str], ip: str, port: int, timeout: float,
+          tls: str = "auto") -> int:
     if n < 1:
         raise LaunchError(f"-n counts engines and must be at least 1; got {n}")
     if os.path.exists(path):
@@ -79,7 +80,7 @@ def start(n: int, path: str, profile: Optional[str], ip: str, port: int, timeout
     os.makedirs(logdir, mode=0o700, exist_ok=True)
     log_path = os.path.join(logdir, f"cluster-{profile or 'default'}.log")
     cmd = [find_mpiexec(), "-n", str(n + 1), sys.executable, "-m", "mpiengine", "serve",
-           "--connection-file", path, "--ip", ip, "--port", str(port)]
+           "--connection-file", path, "--ip", ip, "--port", str(port), "--tls", tls]
     if profile:
         cmd += ["--profile", profile]
     with open(log_path, "ab") as log:
@@ -133,7 +134,10 @@ def stop(path: str, timeout: float) -> int:
         time.sleep(0.05)
     if pid and _alive(pid):
         _kill_group(pid)
-    for leftover in (_sidecar(path), path):
+    lost = _lost_note(path)
+    if lost:
+        print(f"the cluster had already ended: {lost}")
+    for leftover in (_sidecar(path), path + ".lost", path):
         if os.path.exists(leftover) and (leftover != path or _try_connect(path, 1.0) is None):
             try:
                 os.unlink(leftover)
@@ -148,6 +152,9 @@ def status(path: str, timeout: float) -> int:
     if mec is None:
         state = "no connection file" if not os.path.exists(path) else "not answering"
         print(f"no running cluster at {path} ({state})")
+        lost = _lost_note(path)
+        if lost:
+            print(f"it ended because {lost}")
         return 1
     with mec:
         queues = dict(mec.queue_status())
@@ -161,6 +168,15 @@ def status(path: str, timeout: float) -> int:
             print(f"{e['id']:>4}  {e['host']:<20} {e['pid']:>8}  "
                   f"{'busy' if busy else 'idle':<5} {waiting + busy:>5}")
     return 0
+
+
+def _lost_note(path: str) -> Optional[str]:
+    """What the controller wrote when an engine died, if it did."""
+    try:
+        with open(path + ".lost") as f:
+            return str(json.load(f)["message"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _launched_pid(path: str) -> Optional[int]:

@@ -61,7 +61,7 @@ DEFAULT_MAX_MESSAGE = 16 * 2**30
 EXECUTE, PUSH, PULL, SCATTER, GATHER, APPLY, KEYS, RESET, PING = 1, 2, 3, 4, 5, 6, 7, 8, 9
 INFO, QUEUE_STATUS, FETCH, SHUTDOWN, CLOSE, INTERRUPT, STACKS = 20, 21, 22, 23, 24, 25, 26
 RESULT, NOT_READY, ERROR = 40, 41, 42
-STREAM = 50
+STREAM, LOST = 50, 51
 
 KINDS = {
     EXECUTE:      ("execute",      "client", "run code on the targets"),
@@ -84,6 +84,7 @@ KINDS = {
     NOT_READY:    ("not_ready",    "controller", "a fetched result is still running"),
     ERROR:        ("error",        "controller", "a request was refused (bad targets, unknown id, ...)"),
     STREAM:       ("stream",       "controller", "output printed so far by a running command"),
+    LOST:         ("lost",         "controller", "an engine died; the job is ending"),
 }
 ENGINE_OPS = frozenset({EXECUTE, PUSH, PULL, SCATTER, GATHER, APPLY, KEYS, RESET, PING})
 

@@ -14,7 +14,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Optional
 
-from . import connection, fabric
+from . import connection, fabric, tls
 from . import protocol as P
 from .controller import Controller
 from .doorbell import Bell, BellTower
@@ -32,6 +32,7 @@ class ServeOptions:
     port: int = 0
     max_message: int = P.DEFAULT_MAX_MESSAGE
     idle_cap: float = 0.02
+    tls: str = "auto"
 
 
 def serve(opts: ServeOptions) -> int:
@@ -77,17 +78,27 @@ def _controller(world: fabric.World, opts: ServeOptions) -> int:
     tower.accept(world.n_engines, timeout=30.0)
     ip = resolve_ip(opts.ip)
     key = connection.ConnectionInfo.new(ip, 0).key
+    ssl_context, tls_info = None, None
+    if tls.wanted(opts.tls, ip):
+        cert, cert_key, fingerprint = tls.make_certificate(host)
+        ssl_context = tls.server_context(cert, cert_key)
+        tls_info = {"fingerprint": fingerprint}
     ctl = Controller(world, engines, ip, opts.port, bytes.fromhex(key), opts.max_message,
-                     bells=tower)
+                     bells=tower, ssl_context=ssl_context)
     info = connection.ConnectionInfo(ip=_advertised(ip), port=ctl.address[1], key=key,
-                                     n_engines=world.n_engines, profile=opts.profile)
+                                     n_engines=world.n_engines, profile=opts.profile,
+                                     tls=tls_info)
+    ctl.lost_note = path + ".lost"
+    if os.path.exists(ctl.lost_note):  # from an earlier cluster of this file
+        os.unlink(ctl.lost_note)
     try:
         connection.write(info, path)
     except FileExistsError:
         raise SystemExit(f"mpiengine: {path} appeared while starting; another cluster "
                          f"uses it. Pass --connection-file or --profile.") from None
     log.info("controller listening on %s:%d, %d engines", info.ip, info.port, world.n_engines)
-    sys.stderr.write(f"mpiengine: {world.n_engines} engines ready; connection file {path}\n")
+    sys.stderr.write(f"mpiengine: {world.n_engines} engines ready on {info.ip}:{info.port}"
+                     f"{' (TLS)' if tls_info else ''}; connection file {path}\n")
     sys.stderr.flush()
     try:
         ctl.run()

@@ -12,6 +12,7 @@ import collections
 import logging
 import selectors
 import socket
+import ssl
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional
 
@@ -45,6 +46,8 @@ class Conn:
         self.sender: Optional[P.Sender] = None
         self.closed = False
         self.eof = False
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.handshaking = self.tls  # the TLS handshake comes before everything else
 
     def __repr__(self) -> str:
         return f"<client {self.id} from {self.addr}>"
@@ -53,9 +56,22 @@ class Conn:
     def authenticated(self) -> bool:
         return self.parser is not None
 
+    def _tls_handshake(self) -> bool:
+        """Drive a non-blocking TLS handshake; return True once it is complete."""
+        try:
+            self.sock.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except (ssl.SSLError, OSError) as e:
+            raise ProtocolError(f"TLS handshake failed: {e}") from e
+        self.handshaking = False
+        return True
+
     def read(self) -> List[P.Frame]:
-        """Read what is available; return complete frames. Raises on bad input or EOF."""
+        """Read what is available; return complete frames. Raises on bad input."""
         frames: List[P.Frame] = []
+        if self.handshaking and not self._tls_handshake():
+            return frames
         for _ in range(64):  # bounded, so one busy client cannot starve the others
             if self.parser is None:
                 view = memoryview(self.auth_buf)[self.auth_pos:]
@@ -63,8 +79,11 @@ class Conn:
                 view = self.parser.want()
             try:
                 n = self.sock.recv_into(view)
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                    ssl.SSLWantWriteError):
                 break
+            except ssl.SSLError as e:
+                raise ProtocolError(f"TLS error: {e}") from e
             if n == 0:
                 self.eof = True  # frames read before the close are still delivered
                 break
@@ -85,14 +104,22 @@ class Conn:
         if self.closed or self.sender is None:
             return
         for chunk in self.sender.encode(kind, meta, parts):
-            self.out.append(memoryview(chunk).cast("B"))
+            view = memoryview(chunk).cast("B")
+            if view.nbytes:  # an empty part has nothing to send (and SSL send() says 0)
+                self.out.append(view)
 
     def flush(self) -> bool:
         """Write what the socket takes now; return True when everything is written."""
+        if self.handshaking and not self._tls_handshake():
+            return False
         while self.out:
             try:
-                n = self.sock.sendmsg(list(_head(self.out, _IOV_MAX)))
-            except (BlockingIOError, InterruptedError):
+                if self.tls:  # SSL sockets have no sendmsg
+                    n = self.sock.send(self.out[0])
+                else:
+                    n = self.sock.sendmsg(list(_head(self.out, _IOV_MAX)))
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                    ssl.SSLWantWriteError):
                 return False
             while n:
                 first = self.out[0]
@@ -117,7 +144,9 @@ class Server:
 
     def __init__(self, ip: str, port: int, key: bytes, max_message: int,
                  on_frame: Callable[[Conn, P.Frame], None],
-                 on_close: Callable[[Conn], None]) -> None:
+                 on_close: Callable[[Conn], None],
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+        self.ssl_context = ssl_context
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -141,11 +170,18 @@ class Server:
             if key.data is None:
                 self._accept()
                 continue
+            if callable(key.data):  # a socket watched for someone else (doorbells)
+                key.data()
+                continue
             conn: Conn = key.data
             if mask & selectors.EVENT_READ and not conn.closed:
                 self._read(conn)
             if mask & selectors.EVENT_WRITE and not conn.closed:
                 self._write(conn)
+        for conn in list(self.conns.values()):
+            # Decrypted bytes already inside OpenSSL do not wake the selector.
+            if conn.tls and not conn.closed and not conn.handshaking and conn.sock.pending():
+                self._read(conn)
         now = time.monotonic()
         if now - self._last_sweep > 1.0:
             self._last_sweep = now
@@ -163,6 +199,9 @@ class Server:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                    do_handshake_on_connect=False)
             conn = Conn(sock, addr, self.key, self.max_message)
             self.conns[conn.id] = conn
             self.sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
@@ -192,6 +231,22 @@ class Server:
             self.close(conn)
         elif conn.out and not conn.closed:  # e.g. the handshake proof
             self._write(conn)
+
+    def watch(self, sock: socket.socket, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever ``sock`` is readable."""
+        self.sel.register(sock, selectors.EVENT_READ, callback)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        try:
+            self.sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def broadcast(self, kind: int, meta: dict) -> None:
+        """Send an event to every authenticated client."""
+        for conn in list(self.conns.values()):
+            if conn.authenticated:
+                self.send(conn, kind, meta)
 
     def send(self, conn: Conn, kind: int, meta: dict, parts: List[Any] = ()) -> None:
         if conn.closed:
