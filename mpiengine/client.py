@@ -13,6 +13,7 @@ holds each engine's error. This module imports neither mpi4py nor IPython.
 """
 from __future__ import annotations
 
+import base64
 import secrets
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -22,7 +23,7 @@ from . import protocol as P
 from .channel import Channel
 from .errors import (ClusterLost, CommandTimeout, CompositeError, ConnectError,  # noqa: F401
                      ErrorRecord, RemoteError)
-from .results import _NOT_READY, PendingResult, ResultList
+from .results import _NOT_FETCHED as _NOT_FETCHED_, _NOT_READY, PendingResult, ResultList
 
 __all__ = ["MultiEngineClient", "CompositeError", "PendingResult", "ResultList",
            "RemoteError", "ConnectError", "ClusterLost", "CommandTimeout"]
@@ -54,7 +55,7 @@ class MultiEngineClient:
         #: Called as ``on_output(engine_id, 'stdout' or 'stderr', text)`` with the live
         #: output of long-running blocking commands; None turns live output off.
         self.on_output: Optional[Callable[[int, str, str], None]] = print_output
-        self._partial: Dict[Tuple[int, str], str] = {}
+        self._line_tails: Dict[Tuple[int, str], str] = {}
         self._chan.on_event = self._on_event
 
     def __repr__(self) -> str:
@@ -164,12 +165,32 @@ class MultiEngineClient:
         eid = int(frame.meta["id"])
         for name, text in frame.meta.get("chunks", []):
             # Whole lines only: a line split across chunks waits for its end.
-            text = self._partial.pop((eid, name), "") + text
+            text = self._line_tails.pop((eid, name), "") + text
             head, sep, tail = text.rpartition("\n")
             if tail:
-                self._partial[(eid, name)] = tail
+                self._line_tails[(eid, name)] = tail
             if sep:
                 handler(eid, name, head + sep)
+
+    def _partial(self, pr: PendingResult) -> Dict[int, Any]:
+        """What ``pr.partial()`` returns: the engines done so far."""
+        if pr._frame is None and pr._error is None and pr._value is _NOT_FETCHED_:
+            meta = self._control(P.PARTIAL, {"result_id": pr.result_id}, timeout=30.0)
+            if not meta["done"]:
+                out: Dict[int, Any] = {}
+                for key, note in meta["partial"].items():
+                    if note.get("error"):
+                        out[int(key)] = ErrorRecord.from_dict(note["error"])
+                    elif "blob" in note:
+                        blob = [base64.b64decode(b) for b in note["blob"]]
+                        out[int(key)] = payload.unpack(blob[0], blob[1])["value"]
+                    else:
+                        out[int(key)] = LARGE
+                return out
+            pr.done()
+        if pr._frame is None:
+            return {}
+        return _by_engine(_replies(pr._frame), pr._frame.meta["engines"])
 
     def get_pending(self, result_id: str) -> PendingResult:
         """Return a PendingResult for a result id from this or an earlier client."""
@@ -356,6 +377,15 @@ class ParallelFunction:
 
 
 # --- helpers --------------------------------------------------------------------------------
+class _Large:
+    def __repr__(self) -> str:
+        return "<finished; result too large for partial(): wait for the whole result>"
+
+
+#: Stands in ``partial()`` for a finished engine whose result is too big to send early.
+LARGE = _Large()
+
+
 def print_output(engine_id: int, name: str, text: str) -> None:
     """The default live-output handler: ``[stdout:2] line`` on this process's stdout/stderr."""
     out = sys.stderr if name == "stderr" else sys.stdout
@@ -421,14 +451,25 @@ def _raise_refusal(frame: P.Frame) -> None:
     raise RuntimeError(f"the controller refused the request: {evalue}")
 
 
-def _decode(frame: P.Frame, method: str) -> List[Any]:
-    """Turn a RESULT frame into per-engine values; raise CompositeError on failures."""
+def _replies(frame: P.Frame) -> List[dict]:
+    """Split a RESULT frame into the engines' reply dicts, in engine order."""
     _raise_refusal(frame)
     metas, datas = memoryview(frame.parts[0]), memoryview(frame.parts[1])
     replies, mo, do = [], 0, 0
     for m, d in frame.meta["sizes"]:
         replies.append(payload.unpack(metas[mo:mo + m], datas[do:do + d]))
         mo, do = mo + m, do + d
+    return replies
+
+
+def _by_engine(replies: List[dict], ids: List[int]) -> Dict[int, Any]:
+    return {i: (r["value"] if r["ok"] else ErrorRecord.from_dict(r["error"]))
+            for i, r in zip(ids, replies)}
+
+
+def _decode(frame: P.Frame, method: str) -> List[Any]:
+    """Turn a RESULT frame into per-engine values; raise CompositeError on failures."""
+    replies = _replies(frame)
     values = [r["value"] for r in replies]
     errors = [ErrorRecord.from_dict(r["error"]) for r in replies if not r["ok"]]
     if errors:

@@ -49,6 +49,7 @@ class Command:
     reqs: List[Any] = field(default_factory=list)
     bufs: List[Any] = field(default_factory=list)
     sizes: List[Tuple[int, int]] = field(default_factory=list)
+    partial: Dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,7 +87,8 @@ class Controller:
             bells.watch(self.server, self._engine_lost)
         self.handlers = {P.INFO: self._info, P.QUEUE_STATUS: self._queue_status,
                          P.FETCH: self._fetch, P.SHUTDOWN: self._shutdown, P.CLOSE: self._close,
-                         P.INTERRUPT: self._interrupt, P.STACKS: self._stacks}
+                         P.INTERRUPT: self._interrupt, P.STACKS: self._stacks,
+                         P.PARTIAL: self._partial}
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -317,19 +319,48 @@ class Controller:
             reply = json.loads(msg[1])
             if reply.get("kind") == "stream":
                 self._forward_stream(reply)
+            elif reply.get("kind") == "done":
+                self._early_done(reply)
             else:
                 self._add_stack(reply)
         return got
 
-    def _forward_stream(self, reply: dict) -> None:
-        cmd = self.by_seq.get(reply.get("seq"))
-        if cmd is None:
-            return
+    def _watcher(self, cmd: Command) -> Optional[Conn]:
+        """The client waiting for this command right now, if any."""
         waiter = self.waiters.get(cmd.result_id)
         conn = waiter[0] if waiter else (cmd.conn if cmd.deliver else None)
-        if conn is not None and not conn.closed:
+        return conn if conn is not None and not conn.closed else None
+
+    def _forward_stream(self, reply: dict) -> None:
+        cmd = self.by_seq.get(reply.get("seq"))
+        conn = self._watcher(cmd) if cmd is not None else None
+        if conn is not None:
             self.server.send(conn, P.STREAM, {"result_id": cmd.result_id, "id": reply["id"],
                                              "chunks": reply["chunks"]})
+
+    def _early_done(self, note: dict) -> None:
+        cmd = self.by_seq.get(note.get("seq"))
+        if cmd is None:
+            return
+        cmd.partial[str(note["id"])] = note
+        conn = self._watcher(cmd)
+        error = note.get("error")
+        if conn is not None and error:  # say it now: the others may run for long
+            text = (f"{error.get('ename')}: {error.get('evalue')} "
+                    f"(failed; the other engines are still running)\n")
+            self.server.send(conn, P.STREAM, {"result_id": cmd.result_id, "id": note["id"],
+                                             "chunks": [["stderr", text]]})
+
+    def _partial(self, conn: Conn, frame: P.Frame) -> None:
+        rid = str(frame.meta.get("result_id"))
+        cmd = self.running.get(rid)
+        if cmd is not None:
+            self._reply(conn, frame, done=False, engines=list(cmd.targets),
+                        partial=cmd.partial)
+        elif rid in self.stored:
+            self._reply(conn, frame, done=True)
+        else:
+            raise KeyError(f"no result with id {rid!r}: it was already fetched or never existed")
 
     def _add_stack(self, reply: dict) -> None:
         pending = self.stack_reqs.get(reply.get("sid"))

@@ -77,6 +77,8 @@ class Engine:
         self.in_user_code = False
         #: Called with (name, text) for every write of user code: live output.
         self.sink: Optional[Callable[[str, str], None]] = None
+        #: The error record of the last command run, or None if it succeeded.
+        self.last_error: Optional[dict] = None
         self.reset()
         self._ops: Dict[int, Callable[[Command], Any]] = {
             P.EXECUTE: self._execute, P.PUSH: self._push, P.PULL: self._pull,
@@ -92,6 +94,7 @@ class Engine:
     def run(self, cmd: Command) -> Tuple[bytes, Any]:
         """Run a command; return its reply blob pair. Never raises."""
         method = P.kind_name(cmd.op)
+        self.last_error = None
         try:
             value = self._ops[cmd.op](cmd)
             reply = {"ok": True, "value": value}
@@ -99,6 +102,7 @@ class Engine:
             reply = {"ok": False, "value": f.value, "error": self.error_record(f.error, method)}
         except BaseException as e:  # noqa: B902 - user code may raise anything
             reply = {"ok": False, "value": None, "error": self.error_record(e, method)}
+        self.last_error = reply.get("error")
         return self._pack(reply, method)
 
     def cancelled(self, cmd: Command, why: str,
@@ -113,8 +117,8 @@ class Engine:
         try:
             return payload.pack(reply)
         except Exception as e:  # the value cannot be pickled: report it, keep the engine
-            err = {"ok": False, "value": None, "error": self.error_record(e, method)}
-            return payload.pack(err)
+            self.last_error = self.error_record(e, method)
+            return payload.pack({"ok": False, "value": None, "error": self.last_error})
 
     def error_record(self, e: BaseException, method: str) -> dict:
         tb = e.__traceback__

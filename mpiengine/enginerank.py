@@ -15,6 +15,7 @@ queue: neither spins.
 """
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import logging
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 STREAM_AFTER = 0.2
 #: ... in chunks at most this often.
 STREAM_EVERY = 0.2
+#: Replies up to this size also go early to the controller, for partial results.
+PARTIAL_MAX = 64 * 1024
 
 
 class EngineRank:
@@ -87,6 +90,7 @@ class EngineRank:
                     else:
                         reply = self.engine.run(cmd)
                     self.current = None
+                    self._note_done(cmd, reply)
                     self.outbox.append((cmd, reply))
                     self.bell.wake()
                 except KeyboardInterrupt:
@@ -173,6 +177,26 @@ class EngineRank:
                 backoff.reset()
 
     _sentinel_sent = False
+
+    def _note_done(self, cmd: Command, reply: Tuple[bytes, Any]) -> None:
+        """Tell the controller early that this engine is done with a long or failed command.
+
+        The reply itself travels in the command's gather, which completes only when
+        every target is done; this note lets the client see failures as they happen
+        and ``PendingResult.partial()`` show who has finished. Fast commands that
+        succeed skip it, so they cost nothing extra.
+        """
+        error = self.engine.last_error
+        if error is None and time.monotonic() - self.started < STREAM_AFTER:
+            return
+        note: dict = {"kind": "done", "seq": cmd.meta.get("seq"), "id": self.engine.id,
+                      "ok": error is None, "error": error}
+        meta, data = reply
+        if memoryview(meta).nbytes + memoryview(data).nbytes <= PARTIAL_MAX:
+            note["blob"] = [base64.b64encode(bytes(meta)).decode(),
+                            base64.b64encode(bytes(data)).decode()]
+        self._ctl_out.append(json.dumps(note).encode())
+        self.bell.wake()
 
     # --- live output ---------------------------------------------------------------------
     def _sink(self, name: str, text: str) -> None:

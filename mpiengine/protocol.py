@@ -59,7 +59,7 @@ DEFAULT_MAX_MESSAGE = 16 * 2**30
 # One table: number -> (name, who sends it, what it means). Engine operations are
 # also the operation codes of commands broadcast over MPI (see fabric/engine).
 EXECUTE, PUSH, PULL, SCATTER, GATHER, APPLY, KEYS, RESET, PING = 1, 2, 3, 4, 5, 6, 7, 8, 9
-INFO, QUEUE_STATUS, FETCH, SHUTDOWN, CLOSE, INTERRUPT, STACKS = 20, 21, 22, 23, 24, 25, 26
+INFO, QUEUE_STATUS, FETCH, SHUTDOWN, CLOSE, INTERRUPT, STACKS, PARTIAL = range(20, 28)
 RESULT, NOT_READY, ERROR = 40, 41, 42
 STREAM, LOST = 50, 51
 
@@ -80,6 +80,7 @@ KINDS = {
     CLOSE:        ("close",        "client", "controller: this client is leaving"),
     INTERRUPT:    ("interrupt",    "client", "raise KeyboardInterrupt in the targets' running user code"),
     STACKS:       ("stacks",       "client", "return each target's current Python stack"),
+    PARTIAL:      ("partial",      "client", "controller: the engines done so far with a running command"),
     RESULT:       ("result",       "controller", "the result of a request"),
     NOT_READY:    ("not_ready",    "controller", "a fetched result is still running"),
     ERROR:        ("error",        "controller", "a request was refused (bad targets, unknown id, ...)"),

@@ -69,12 +69,14 @@ class PendingResult:
         self._error: Optional[BaseException] = None
         # The request whose reply will carry the result, once one is under way.
         self._reply_req: Optional[int] = None
+        self._frame: Any = None  # the raw reply, kept for partial()
 
     def __repr__(self) -> str:
         state = "done" if self._value is not _NOT_FETCHED or self._error else "pending"
         return f"<PendingResult {self.method} {self.result_id} ({state})>"
 
     def _settle(self, raw: Any) -> None:
+        self._frame = raw
         try:
             self._value = self._finish(raw) if self._finish else raw
         except BaseException as e:  # CompositeError, decode errors: kept and re-raised
@@ -113,6 +115,16 @@ class PendingResult:
             return default
         self._settle(raw)
         return self._raise_or_return()
+
+    def partial(self) -> Dict[int, Any]:
+        """Return ``{engine_id: result}`` for the engines that finished so far.
+
+        A failed engine maps to its error record (``.ename``, ``.evalue``,
+        ``.traceback``). Engines report early only for commands that ran longer
+        than a fraction of a second, or failed; a quick command shows up when
+        the whole result is in.
+        """
+        return self.client._partial(self)
 
     @property
     def r(self) -> Any:
