@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import secrets
 import sys
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import connection, partition, payload
@@ -56,6 +57,11 @@ class MultiEngineClient:
         #: output of long-running blocking commands; None turns live output off.
         self.on_output: Optional[Callable[[int, str, str], None]] = print_output
         self._line_tails: Dict[Tuple[int, str], str] = {}
+        #: Called as ``on_progress(done, total, elapsed_seconds, finished)`` while a
+        #: blocking call runs longer than two seconds; None turns it off. The default
+        #: draws a line on a terminal and does nothing when stderr is not one.
+        self.on_progress: Optional[Callable[[int, int, float, bool], None]] = (
+            terminal_progress if _isatty(sys.stderr) else None)
         self._chan.on_event = self._on_event
 
     def __repr__(self) -> str:
@@ -117,6 +123,7 @@ class MultiEngineClient:
             return finish(values) if finish else values
 
         pr = PendingResult(self, rid, method, decode)
+        pr.n_targets = len(ids)
         req = self._chan.request(
             kind, dict(meta, targets=spec, result_id=rid, block=block), list(parts))
         # A blocking submission is answered with its result; a non-blocking one is
@@ -138,7 +145,10 @@ class MultiEngineClient:
                                                          "block": block})
         # Without block the controller answers at once, ready or not.
         try:
-            frame = self._chan.wait(pr._reply_req, timeout if block else 30.0)
+            if block:
+                frame = self._wait_showing_progress(pr, timeout)
+            else:
+                frame = self._chan.wait(pr._reply_req, 30.0)
         except KeyboardInterrupt:
             # Ctrl-C: interrupt the engines running this command, then collect what
             # they report (KeyboardInterrupt errors). A second Ctrl-C stops waiting.
@@ -153,6 +163,32 @@ class MultiEngineClient:
         if frame.kind == P.NOT_READY:
             return _NOT_READY
         return frame
+
+    def _wait_showing_progress(self, pr: PendingResult, timeout: Optional[float]) -> Any:
+        """Wait for ``pr``'s reply; past PROGRESS_AFTER seconds, report engines done."""
+        handler = self.on_progress
+        if handler is None:
+            return self._chan.wait(pr._reply_req, timeout)
+        start = time.monotonic()
+        shown = False
+        while True:
+            elapsed = time.monotonic() - start
+            step = PROGRESS_EVERY if elapsed >= PROGRESS_AFTER else PROGRESS_AFTER - elapsed
+            if timeout is not None:
+                step = min(step, max(0.0, timeout - elapsed))
+            frame = self._chan.wait(pr._reply_req, step)
+            elapsed = time.monotonic() - start
+            if frame is not None or (timeout is not None and elapsed >= timeout):
+                if shown:
+                    handler(pr.n_targets, pr.n_targets, elapsed, True)
+                return frame
+            if elapsed >= PROGRESS_AFTER:
+                try:
+                    done = len(self._partial(pr))
+                except (KeyError, CommandTimeout):
+                    continue
+                handler(done, pr.n_targets, elapsed, False)
+                shown = True
 
     def _on_event(self, frame: P.Frame) -> None:
         """Reader thread: live output of a running command arrived."""
@@ -377,6 +413,26 @@ class ParallelFunction:
 
 
 # --- helpers --------------------------------------------------------------------------------
+PROGRESS_AFTER = 2.0
+PROGRESS_EVERY = 0.5
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def terminal_progress(done: int, total: int, elapsed: float, finished: bool) -> None:
+    """The default progress display: one line on stderr, rewritten in place."""
+    if finished:
+        sys.stderr.write("\r" + " " * 60 + "\r")
+    else:
+        sys.stderr.write(f"\r[mpiengine] {done}/{total} engines done, {elapsed:.0f} s")
+    sys.stderr.flush()
+
+
 class _Large:
     def __repr__(self) -> str:
         return "<finished; result too large for partial(): wait for the whole result>"

@@ -70,6 +70,7 @@ class PendingResult:
         # The request whose reply will carry the result, once one is under way.
         self._reply_req: Optional[int] = None
         self._frame: Any = None  # the raw reply, kept for partial()
+        self.n_targets = 0
 
     def __repr__(self) -> str:
         state = "done" if self._value is not _NOT_FETCHED or self._error else "pending"
