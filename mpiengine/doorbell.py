@@ -44,6 +44,10 @@ class Bell:
         self._poll = select.poll()
         self._poll.register(self._r, select.POLLIN)
 
+    def watch_fd(self, fd: int) -> None:
+        """Also end sleeps when ``fd`` becomes readable (captured output)."""
+        self._poll.register(fd, select.POLLIN)
+
     def connect(self, addresses: Sequence[str], port: int, token: bytes, engine_id: int,
                 timeout: float = 5.0) -> bool:
         for addr in addresses:

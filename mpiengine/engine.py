@@ -77,6 +77,8 @@ class Engine:
         self.in_user_code = False
         #: Called with (name, text) for every write of user code: live output.
         self.sink: Optional[Callable[[str, str], None]] = None
+        #: Captures fds 1 and 2 during execute when set (see :mod:`capture`).
+        self.fd_capture: Any = None
         #: The error record of the last command run, or None if it succeeded.
         self.last_error: Optional[dict] = None
         self.reset()
@@ -146,17 +148,22 @@ class Engine:
         result = {"id": self.id, "number": n, "input": {"raw": code, "translated": code},
                   "stdout": "", "stderr": ""}
         saved = sys.stdout, sys.stderr
+        fds = self.fd_capture
         try:
+            if fds is not None:
+                fds.start(out, err)
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 self._run_code(code, f"<engine {self.id} In [{n}]>")
         except BaseException as e:
-            raise _Failed(self._fill(result, out, err), e) from None
+            raise _Failed(self._fill(result, out, err, fds), e) from None
         finally:
             sys.stdout, sys.stderr = saved  # user code may have replaced them
-        return self._fill(result, out, err)
+        return self._fill(result, out, err, fds)
 
     @staticmethod
-    def _fill(result: dict, out: io.StringIO, err: io.StringIO) -> dict:
+    def _fill(result: dict, out: io.StringIO, err: io.StringIO, fds: Any = None) -> dict:
+        if fds is not None:
+            fds.stop()  # idempotent enough: a second stop finds empty pipes
         result["stdout"], result["stderr"] = out.getvalue(), err.getvalue()
         return result
 

@@ -29,6 +29,7 @@ import traceback
 from typing import Any, Deque, List, Optional, Tuple
 
 from . import fabric
+from .capture import FdCapture
 from .doorbell import DEEP_IDLE, DEEP_SLEEP, Bell
 from . import protocol as P
 from .engine import Command, Engine
@@ -58,6 +59,10 @@ class EngineRank:
         self._last_flush = 0.0
         self.started = 0.0
         engine.sink = self._sink
+        self.fds = FdCapture()
+        engine.fd_capture = self.fds
+        for fd in self.fds.read_fds:
+            bell.watch_fd(fd)
         self.outbox: Deque[Tuple[Command, Tuple[bytes, Any]]] = collections.deque()
         self.stopping = False
         self.current: Optional[int] = None      # seq of the command the main thread runs
@@ -145,6 +150,8 @@ class EngineRank:
             if not header_open and not incoming and not self._sentinel_sent:
                 self.inbox.put(None)
                 self._sentinel_sent = True
+            if self.current is not None:
+                self.fds.drain()  # output of C code and child processes, as it comes
             self._flush_stream(me)
             while self._ctl_out:
                 sending.append(world.send_ctl(self._ctl_out.popleft()))
