@@ -18,6 +18,8 @@ EPILOG = """examples:
   mpiengine start -n 4                           a local cluster in the background
   mpiengine status                               its engines
   mpiengine stop                                 shut it down
+  mpiexec -n 5 python -m mpiengine run driver.py  batch mode: driver.py drives this job
+  mpiengine sbatch -n 4 --submit                  a SLURM job; then 'mpiengine wait'
 """
 
 
@@ -50,6 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-size", type=int, default=None, metavar="BYTES",
                    help="refuse client messages larger than this (default 16 GiB)")
 
+    p = sub.add_parser("run", help="batch mode: run a driver script against this job's "
+                                   "engines (every rank of mpiexec -n N+1)")
+    p.add_argument("driver", help="the Python script; MultiEngineClient() in it finds the engines")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+
+    p = sub.add_parser("wait", help="wait until a cluster answers (e.g. a queued batch job)")
+    _add_where(p)
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait (default 600)")
+
+    p = sub.add_parser("sbatch", help="print (or submit) a SLURM batch script for a cluster")
+    p.add_argument("-n", "--engines", type=int, required=True, metavar="N")
+    _add_where(p)
+    p.add_argument("--time", default="01:00:00", help="wall time (default 01:00:00)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--ip", default="*", help="what the controller listens on (default '*': "
+                                             "all interfaces, with TLS)")
+    p.add_argument("--launcher", choices=("srun", "mpiexec"), default="srun")
+    p.add_argument("--submit", action="store_true", help="submit it with sbatch")
+
     p = sub.add_parser("start", help="start a local cluster in the background")
     p.add_argument("-n", "--engines", type=int, required=True, metavar="N",
                    help="number of engines (mpiexec gets N+1 ranks)")
@@ -73,6 +96,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.verb is None:
         build_parser().print_help()
         return 2
+    if args.verb == "run":
+        from . import runtime  # imports mpi4py: only ever under mpiexec
+
+        return runtime.serve(runtime.ServeOptions(
+            connection_file="", driver=[args.driver] + list(args.args)))
     try:
         # With both, the file is where the cluster's file lives and the profile its name.
         profile = None if args.connection_file else args.profile
@@ -98,6 +126,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   args.timeout, args.tls)
         if args.verb == "stop":
             return launcher.stop(path, args.timeout)
+        if args.verb == "wait":
+            return launcher.wait(path, args.timeout)
+        if args.verb == "sbatch":
+            return launcher.sbatch(args.engines, path, args.profile, args)
         return launcher.status(path, args.timeout)
     except launcher.LaunchError as e:
         print(f"mpiengine {args.verb}: {e}", file=sys.stderr)

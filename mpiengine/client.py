@@ -22,8 +22,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from . import connection, partition, payload
 from . import protocol as P
 from .channel import Channel
-from .errors import (ClusterLost, CommandTimeout, CompositeError, ConnectError,  # noqa: F401
-                     ErrorRecord, RemoteError)
+from .tunnel import Tunnel
+from .errors import (AuthenticationError, ClusterLost, CommandTimeout,  # noqa: F401
+                     CompositeError, ConnectError, ErrorRecord, RemoteError)
 from .results import _NOT_FETCHED as _NOT_FETCHED_, _NOT_READY, PendingResult, ResultList
 
 __all__ = ["MultiEngineClient", "CompositeError", "PendingResult", "ResultList",
@@ -37,14 +38,18 @@ class MultiEngineClient:
 
     ``MultiEngineClient(path)`` reads that connection file; ``profile='P'`` reads
     the file of profile P; with neither, ``$MPIENGINE_CONNECTION_FILE`` or the
-    default profile's file is used. ``timeout`` bounds connecting, in seconds.
+    default profile's file is used. ``timeout`` bounds connecting, in seconds;
+    ``wait`` keeps trying that many seconds for a cluster that is still starting
+    (a batch job in the queue). ``sshserver`` reaches the controller through an
+    SSH tunnel via that host.
     """
 
     def __init__(self, path: Optional[str] = None, profile: Optional[str] = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, wait: Optional[float] = None,
+                 sshserver: Optional[str] = None) -> None:
         self.path = connection.resolve_path(path, profile)
-        self.info = connection.read(self.path)
-        self._chan = Channel(self.info, self.path, timeout=timeout)
+        self._tunnel = None
+        self._chan = self._connect(timeout, wait, sshserver)
         meta = self._control(P.INFO, {}, timeout=timeout)
         self.engines: List[dict] = meta["engines"]
         self._ids = list(range(int(meta["n_engines"])))
@@ -63,6 +68,29 @@ class MultiEngineClient:
         self.on_progress: Optional[Callable[[int, int, float, bool], None]] = (
             terminal_progress if _isatty(sys.stderr) else None)
         self._chan.on_event = self._on_event
+
+    def _connect(self, timeout: float, wait: Optional[float],
+                 sshserver: Optional[str]) -> Channel:
+        """Read the file and connect; with ``wait``, keep trying for that many seconds."""
+        deadline = time.monotonic() + (wait or 0.0)
+        while True:
+            try:
+                self.info = connection.read(self.path)
+                if sshserver:
+                    self._tunnel = Tunnel(sshserver, self.info.ip, self.info.port)
+                    local = connection.ConnectionInfo(**dict(
+                        vars(self.info), ip="127.0.0.1", port=self._tunnel.local_port))
+                    return Channel(local, self.path, timeout=timeout)
+                return Channel(self.info, self.path, timeout=timeout)
+            except AuthenticationError:
+                raise
+            except ConnectError:
+                if self._tunnel is not None:
+                    self._tunnel.close()
+                    self._tunnel = None
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
 
     def __repr__(self) -> str:
         return (f"<MultiEngineClient {len(self._ids)} engines at "
@@ -379,6 +407,9 @@ class MultiEngineClient:
     def close(self) -> None:
         """Close this client's connection; the cluster keeps running."""
         self._chan.close()
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
 
     def activate(self) -> None:
         """Make this client the target of the %px, %autopx and %result magics."""

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import fabric
 from . import protocol as P
@@ -83,6 +83,7 @@ class Controller:
         self.stack_reqs: Dict[int, dict] = {}
         self.lost_note: Optional[str] = None  # where to leave word of a dead engine
         self.lost = False
+        self.on_tick: Optional[Callable[[], Any]] = None  # called every loop turn
         if bells is not None:
             bells.watch(self.server, self._engine_lost)
         self.handlers = {P.INFO: self._info, P.QUEUE_STATUS: self._queue_status,
@@ -95,9 +96,19 @@ class Controller:
         return self.server.address
 
     # --- the loop ------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Shut the engines down, as a client's shutdown request would."""
+        if not self.stopping:
+            reqs, keep = self._send_header({"op": P.SHUTDOWN, "targets": list(self.world.all)})
+            self.sends.append((reqs, keep))
+            self.stopping = True
+            self.stop_deadline = time.monotonic() + SHUTDOWN_GRACE
+
     def run(self) -> None:
         backoff = fabric.Backoff(cap=self.poll_cap)
         while True:
+            if self.on_tick is not None:
+                self.on_tick()
             busy = bool(self.sends or self.running or self.stack_reqs)
             if self.stopping and not busy:
                 break
@@ -108,7 +119,8 @@ class Controller:
                             SHUTDOWN_GRACE)
                 self.server.drain(1.0)
                 self.world.abort(4)
-            timeout = backoff.next_delay() if busy else 1.0
+            # Idle, the loop wakes only for sockets (or, with a tick, five times a second).
+            timeout = backoff.next_delay() if busy else (0.2 if self.on_tick else 1.0)
             if timeout < 0.002:
                 # epoll counts whole milliseconds: sleep the short waits ourselves.
                 events = self.server.poll(0)
@@ -278,10 +290,7 @@ class Controller:
             raise KeyError(f"no result with id {rid!r}: it was already fetched or never existed")
 
     def _shutdown(self, conn: Conn, frame: P.Frame) -> None:
-        reqs, keep = self._send_header({"op": P.SHUTDOWN, "targets": list(self.world.all)})
-        self.sends.append((reqs, keep))
-        self.stopping = True
-        self.stop_deadline = time.monotonic() + SHUTDOWN_GRACE
+        self.stop()
         self._reply(conn, frame, ok=True)
 
     def _interrupt(self, conn: Conn, frame: P.Frame) -> None:

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from . import connection
 from . import protocol as P
@@ -170,6 +170,65 @@ def status(path: str, timeout: float) -> int:
     return 0
 
 
+def wait(path: str, timeout: float) -> int:
+    """Wait until the cluster of ``path`` answers; print the path."""
+    t0 = time.monotonic()
+    try:
+        mec = MultiEngineClient(path, wait=timeout)
+    except ConnectError as e:
+        raise LaunchError(f"no cluster answered within {timeout:.0f} s: {e}") from None
+    with mec:
+        n = len(mec.engines)
+    print(path)
+    sys.stderr.write(f"mpiengine: {n} engines answered after {time.monotonic() - t0:.1f} s\n")
+    return 0
+
+
+SBATCH_TEMPLATE = """#!/bin/bash
+#SBATCH --job-name=mpiengine-{profile}
+#SBATCH --ntasks={ranks}
+#SBATCH --time={time}
+#SBATCH --output={logdir}/slurm-%j.out
+{extra}
+# An mpiengine cluster: rank 0 is the controller, ranks 1..{n} are engines 0..{last}.
+# Connect from the login node with:  mpiengine wait --connection-file {path}
+#   then in Python:  client.MultiEngineClient({path!r})
+# Written by 'mpiengine sbatch'. The connection file must be on a filesystem that the
+# login node sees too (home directories usually are).
+{launch} {python} -m mpiengine serve --connection-file {path} --profile {profile} --ip '{ip}'
+"""
+
+
+def sbatch(n: int, path: str, profile: Optional[str], args: Any) -> int:
+    """Print a batch script for an n-engine cluster, or submit it with --submit."""
+    if n < 1:
+        raise LaunchError(f"-n counts engines and must be at least 1; got {n}")
+    extra = "\n".join(f"#SBATCH --{k}={v}" for k, v in
+                      (("partition", args.partition), ("account", args.account)) if v)
+    launch = "srun --mpi=pmi2" if args.launcher == "srun" else "mpiexec -n $SLURM_NTASKS"
+    logdir = os.path.join(connection.base_dir(), "log")
+    script = SBATCH_TEMPLATE.format(
+        profile=profile or "default", ranks=n + 1, n=n, last=n - 1, time=args.time,
+        logdir=logdir, extra=extra, path=path, launch=launch, python=sys.executable,
+        ip=args.ip)
+    if not args.submit:
+        sys.stdout.write(script)
+        return 0
+    os.makedirs(logdir, mode=0o700, exist_ok=True)
+    try:
+        out = subprocess.run(["sbatch", "--parsable"], input=script.encode(),
+                             capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise LaunchError(f"sbatch failed: {e}") from None
+    if out.returncode != 0:
+        raise LaunchError(f"sbatch refused the job: {out.stderr.decode().strip()}")
+    job = out.stdout.decode().strip().split(";")[0]
+    print(job)
+    sys.stderr.write(f"mpiengine: submitted job {job}; 'mpiengine wait --connection-file "
+                     f"{path}' returns when it answers\n")
+    return 0
+
+
 def _lost_note(path: str) -> Optional[str]:
     """What the controller wrote when an engine died, if it did."""
     try:
@@ -210,4 +269,5 @@ def _tail(path: str, lines: int = 20) -> str:
         return "(no log)"
 
 
-__all__: List[str] = ["start", "stop", "status", "find_mpiexec", "LaunchError"]
+__all__: List[str] = ["start", "stop", "status", "wait", "sbatch", "find_mpiexec",
+                      "LaunchError"]

@@ -1,4 +1,4 @@
-"""IPython magics that run code on the engines: ``%px``, ``%%px``, ``%autopx``, ``%result``.
+"""IPython magics for the engines: ``%px``, ``%%px``, ``%autopx``, ``%result``, ``%pxstacks``.
 
 This is the only module that imports IPython; the client imports it inside
 ``MultiEngineClient.activate()``, so plain scripts never pay for IPython.
@@ -10,19 +10,25 @@ Design:
   :func:`activate` finds or registers that instance and sets its client.
 - Every magic that runs code goes through :meth:`ParallelMagics.run`, which
   calls ``client.execute`` and returns what IPython should show as ``Out[n]``:
-  the ``ResultList`` in blocking mode, the ``PendingResult`` otherwise. Live
-  output, when it comes, belongs there and nowhere else.
+  the ``ResultList`` in blocking mode, the ``PendingResult`` otherwise.
 - ``%autopx`` adds an input transformer (cleanup stage, so it sees the text as
   typed) that rewrites each cell into a ``%%px`` call carrying the original
-  source; IPython then displays its value like any other cell. Cells that call
-  our own magics stay local, which is how ``%autopx`` switches itself off.
-  ``run_cell`` is never patched.
+  source; IPython then displays its value like any other cell. Cells that
+  start with a magic stay local (engines run plain Python, where ``%`` is a
+  syntax error), which is how ``%autopx`` switches itself off and how
+  ``%pxstacks`` or ``%debug`` still work in that mode. ``run_cell`` is never
+  patched.
+- In a Jupyter kernel, :func:`activate` routes live output to the cell that is
+  running and shows the progress of long blocking calls as a display that is
+  updated in place (see :class:`_CellOutput`, :class:`_CellProgress`).
 """
 from __future__ import annotations
 
 import re
+import sys
+import time
 from argparse import ArgumentTypeError
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 try:
     from IPython import get_ipython
@@ -30,21 +36,25 @@ try:
     from IPython.core.magic import (Magics, cell_magic, line_magic, magics_class,
                                     no_var_expand)
     from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+    from IPython.display import display
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         "the mpiengine magics need IPython (pip install ipython); "
         "the client itself works without it: call mec.execute() directly") from e
 
-from .errors import ConnectError
+from .client import print_output
+from .errors import CompositeError, ConnectError
 
 __all__ = ["ParallelMagics", "activate", "deactivate", "magics_for",
-           "load_ipython_extension"]
+           "load_ipython_extension", "unload_ipython_extension", "format_stacks"]
 
 Targets = Union[str, int, List[int]]
 
-#: Magics that keep running locally while %autopx is on (future %px* magics go here).
-LOCAL_MAGICS = ("autopx", "px", "result")
-_LOCAL_RE = re.compile(r"^%{1,2}(?:" + "|".join(LOCAL_MAGICS) + r")\b")
+#: Our magics. Under %autopx every cell starting with a magic runs locally; these
+#: also stay local when typed bare with automagic on (the reference's "autopx").
+LOCAL_MAGICS = ("autopx", "px", "result", "pxstacks", "pxinterrupt")
+_BARE_LOCAL = ("autopx", "pxstacks", "pxinterrupt")  # "result" may be an engine variable
+_MAGIC_RE = re.compile(r"^%{1,2}[A-Za-z_]")
 
 _NO_CLIENT = ("no active MultiEngineClient: call mec.activate() on a connected "
               "client, or run %load_ext mpiengine")
@@ -63,6 +73,34 @@ def parse_targets(text: str) -> Targets:
         raise ArgumentTypeError(
             f"expected an engine id, a comma list like 1,3, or all; found {text!r}")
     return ids[0] if "," not in text else ids
+
+
+def _id_ranges(ids: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``'0-2,5'``: short headers for many engines."""
+    out: List[str] = []
+    ids = sorted(ids)
+    start = prev = ids[0]
+    for i in ids[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(out)
+
+
+def format_stacks(stacks: Dict[int, str]) -> str:
+    """Render ``mec.stacks()`` with one header per group of engines with the same stack."""
+    groups: Dict[str, List[int]] = {}
+    for eid, text in sorted(stacks.items()):
+        groups.setdefault(text.rstrip("\n"), []).append(eid)
+    out = []
+    for text, ids in groups.items():
+        word = "engine" if len(ids) == 1 else "engines"
+        out.append(f"--- {word} {_id_ranges(ids)} ---")
+        out.append(text)
+    return "\n".join(out)
 
 
 class _AutopxTransformer:
@@ -87,10 +125,10 @@ class _AutopxTransformer:
 
     def _runs_locally(self, source: str) -> bool:
         first = source.lstrip().splitlines()[0].strip()
-        if _LOCAL_RE.match(first):
+        if _MAGIC_RE.match(first):
             return True
         # With automagic on, a bare "autopx" is the magic too (as in the reference).
-        return bool(self.shell.automagic) and source.strip() == "autopx"
+        return bool(self.shell.automagic) and source.strip() in _BARE_LOCAL
 
 
 @magics_class
@@ -103,6 +141,8 @@ class ParallelMagics(Magics):
         self._last: Any = None          # last result produced through the magics
         self._last_client: Any = None   # the client that produced it
         self._autopx: Optional[_AutopxTransformer] = None
+        self._loaded_client: Any = None  # the client %load_ext made (closed on unload)
+        self._cell_output: Optional[_CellOutput] = None
 
     # -- the one place code goes to the engines --------------------------------
 
@@ -114,7 +154,14 @@ class ParallelMagics(Magics):
         ``CompositeError`` propagates: IPython renders the remote tracebacks.
         """
         client = self._require_client()
-        result = client.execute(source, targets=targets, block=block)
+        try:
+            result = client.execute(source, targets=targets, block=block)
+        except CompositeError as exc:
+            # %debug opens the deepest frame: make it this one, with the error
+            # bound to ``e`` as in the reference (the client's internals below
+            # would only show how the reply was decoded).
+            e = exc
+            raise e.with_traceback(None)
         self._last, self._last_client = result, client
         return result
 
@@ -203,6 +250,122 @@ class ParallelMagics(Magics):
         # client is a newer command: an execute() called directly since.
         return theirs if theirs is not None and theirs is not ours else ours
 
+    # -- %pxstacks and %pxinterrupt --------------------------------------------
+
+    def _line_targets(self, line: str, magic: str) -> Targets:
+        if not line.strip():
+            return "all"  # a stuck engine is rarely in the targets you expect
+        try:
+            return parse_targets(line)
+        except ArgumentTypeError as e:
+            raise UsageError(f"%{magic}: {e}") from None
+
+    @line_magic
+    def pxstacks(self, line: str = "") -> None:
+        """Print where each engine is now: %pxstacks [targets] (default: all engines)."""
+        targets = self._line_targets(line, "pxstacks")
+        print(format_stacks(self._require_client().stacks(targets)))
+
+    @line_magic
+    def pxinterrupt(self, line: str = "") -> None:
+        """Raise KeyboardInterrupt in the code the engines run now: %pxinterrupt [targets]."""
+        targets = self._line_targets(line, "pxinterrupt")
+        ids = self._require_client().interrupt(targets)
+        print(f"KeyboardInterrupt sent to engine{'s' if len(ids) != 1 else ''} "
+              f"{_id_ranges(ids) if ids else '(none)'}")
+
+
+# -- Jupyter kernels ------------------------------------------------------------
+
+class _CellOutput:
+    """``on_output`` for a Jupyter kernel: live lines go to the cell now running.
+
+    The client's reader thread calls it. ipykernel picks the cell an output
+    belongs to from a per-thread parent header, and versions differ in what a
+    thread that is not the kernel's own gets (ipykernel 6.29 ties a thread to
+    the cell that started it: for the reader thread, the ``%load_ext`` cell).
+    So the header of each cell is recorded when it starts and set explicitly
+    around each write.
+    """
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self.parent: Dict[str, Any] = dict(getattr(shell, "parent_header", {}) or {})
+        shell.events.register("pre_run_cell", self._remember)
+
+    def _remember(self, info: Any = None) -> None:
+        self.parent = dict(getattr(self.shell, "parent_header", {}) or {})
+
+    def close(self) -> None:
+        try:
+            self.shell.events.unregister("pre_run_cell", self._remember)
+        except ValueError:
+            pass
+
+    def __call__(self, engine_id: int, name: str, text: str) -> None:
+        stream = sys.stderr if name == "stderr" else sys.stdout
+        setter = getattr(stream, "set_thread_parent", None)
+        token = setter(self.parent) if callable(setter) and self.parent else None
+        try:
+            print_output(engine_id, name, text)
+        finally:
+            if token is not None:
+                stream.reset_thread_parent(token)
+
+
+class _CellProgress:
+    """``on_progress`` for a Jupyter kernel: one display, updated in place.
+
+    The client calls it from the thread that waits (the kernel's main thread),
+    only for blocking calls that run longer than two seconds.
+    """
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self._handle: Any = None
+        self._key: Any = None
+
+    @staticmethod
+    def _bundle(done: int, total: int, elapsed: float, finished: bool) -> Dict[str, str]:
+        text = (f"[mpiengine] {total}/{total} engines done in {elapsed:.1f} s" if finished
+                else f"[mpiengine] {done}/{total} engines done, {elapsed:.0f} s")
+        bar = f'<progress value="{total if finished else done}" max="{total}"></progress>'
+        return {"text/plain": text, "text/html": f"{bar} <code>{text[12:]}</code>"}
+
+    def __call__(self, done: int, total: int, elapsed: float, finished: bool) -> None:
+        # A new call (or a call cut short by Ctrl-C before its last update) must
+        # not update the display of an earlier one.
+        key = getattr(self.shell, "execution_count", None)
+        if self._handle is not None and (key != self._key or elapsed < self._elapsed):
+            self._handle = None
+        bundle = self._bundle(done, total, elapsed, finished)
+        if self._handle is None:
+            if finished:
+                return
+            self._handle = display(bundle, raw=True, display_id=True)
+            self._key = key
+        else:
+            self._handle.update(bundle, raw=True)
+        self._elapsed = elapsed
+        if finished:
+            self._handle = None
+
+
+def _in_kernel(shell: Any) -> bool:
+    return getattr(shell, "kernel", None) is not None
+
+
+def _use_cell_displays(magics: ParallelMagics, client: Any) -> None:
+    """In a kernel, replace the client's terminal-oriented defaults (not the user's)."""
+    if not _in_kernel(magics.shell):
+        return
+    if getattr(client, "on_output", None) is print_output:
+        if magics._cell_output is None:
+            magics._cell_output = _CellOutput(magics.shell)
+        client.on_output = magics._cell_output
+    if hasattr(client, "on_progress") and client.on_progress is None:
+        client.on_progress = _CellProgress(magics.shell)
+
 
 def magics_for(shell: Any) -> ParallelMagics:
     """Return ``shell``'s ParallelMagics, registering them on first use."""
@@ -224,14 +387,18 @@ def _shell(shell: Any) -> Any:
 
 
 def activate(client: Any, shell: Any = None) -> ParallelMagics:
-    """Make ``client`` the one %px, %%px, %autopx and %result use.
+    """Make ``client`` the one %px, %%px, %autopx, %result and %pxstacks use.
 
-    Raises ``RuntimeError`` when no IPython shell is running.
+    In a Jupyter kernel this also sends the client's live output to the running
+    cell and shows the progress of blocking calls longer than two seconds,
+    unless ``client.on_output`` / ``on_progress`` were set to something of your
+    own. Raises ``RuntimeError`` when no IPython shell is running.
     """
     magics = magics_for(_shell(shell))
     if magics.client is not client:
         magics._last, magics._last_client = None, None
     magics.client = client
+    _use_cell_displays(magics, client)
     return magics
 
 
@@ -259,6 +426,7 @@ def load_ipython_extension(ip: Any) -> None:
     magics = magics_for(ip)
     if magics.client is not None:  # loaded before: keep the client in use
         return
+    t0 = time.monotonic()
     try:
         mec = _connect()
     # Loading an extension must not fail because the cluster is down, whatever
@@ -270,10 +438,29 @@ def load_ipython_extension(ip: Any) -> None:
               "client; mec = client.MultiEngineClient(); mec.activate()")
         return
     activate(mec, shell=ip)
+    magics._loaded_client = mec
+    n = len(mec.get_ids()) if hasattr(mec, "get_ids") else "?"
+    where = f"{n} engines, connected in {time.monotonic() - t0:.1f} s"
     name = "mec"
     if name not in ip.user_ns:
         ip.push({name: mec})
-        print(f"mpiengine: connected; the client is `{name}` "
-              f"(%px, %%px, %autopx and %result use it)")
+        print(f"mpiengine: {where}; the client is `{name}` "
+              f"(%px, %%px, %autopx, %result and %pxstacks use it)")
     else:
-        print("mpiengine: connected; %px, %%px, %autopx and %result use the new client")
+        print(f"mpiengine: {where}; %px, %%px, %autopx and %result use the new client")
+
+
+def unload_ipython_extension(ip: Any) -> None:
+    """``%unload_ext mpiengine``: deactivate, and close the client ``%load_ext`` made."""
+    magics = magics_for(ip)
+    mine = magics._loaded_client
+    magics._loaded_client = None
+    if magics._cell_output is not None:
+        magics._cell_output.close()
+        magics._cell_output = None
+    if mine is not None and magics.client is mine:
+        deactivate(ip)
+    if mine is not None:
+        if ip.user_ns.get("mec") is mine:
+            del ip.user_ns["mec"]
+        mine.close()

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Optional
+import subprocess
+import tempfile
+from typing import List, Optional
 
 from . import connection, fabric, tls
 from . import protocol as P
@@ -33,13 +36,22 @@ class ServeOptions:
     max_message: int = P.DEFAULT_MAX_MESSAGE
     idle_cap: float = 0.02
     tls: str = "auto"
+    #: With a driver (``mpiengine run``): the script and its arguments, run next to
+    #: the controller against a private connection file; its exit status is the job's.
+    driver: Optional[List[str]] = None
 
 
 def serve(opts: ServeOptions) -> int:
     """Run this rank's role until the cluster is shut down; return an exit code."""
     world = None
+    private = None
     try:
         world = fabric.World()
+        if opts.driver and world.is_controller:
+            # Batch mode: a connection file only this job knows, on loopback.
+            private = tempfile.mkdtemp(prefix="mpiengine-run-")
+            opts.connection_file = os.path.join(private, "controller.json")
+            opts.ip, opts.tls = "127.0.0.1", "off"
         if world.is_controller:
             return _controller(world, opts)
         return _engine(world, opts)
@@ -49,6 +61,9 @@ def serve(opts: ServeOptions) -> int:
         if world is not None:
             world.abort(2)
         raise
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def _engine(world: fabric.World, opts: ServeOptions) -> int:
@@ -97,14 +112,32 @@ def _controller(world: fabric.World, opts: ServeOptions) -> int:
         raise SystemExit(f"mpiengine: {path} appeared while starting; another cluster "
                          f"uses it. Pass --connection-file or --profile.") from None
     log.info("controller listening on %s:%d, %d engines", info.ip, info.port, world.n_engines)
-    sys.stderr.write(f"mpiengine: {world.n_engines} engines ready on {info.ip}:{info.port}"
-                     f"{' (TLS)' if tls_info else ''}; connection file {path}\n")
-    sys.stderr.flush()
+    if not opts.driver:
+        sys.stderr.write(f"mpiengine: {world.n_engines} engines ready on {info.ip}:{info.port}"
+                         f"{' (TLS)' if tls_info else ''}; connection file {path}\n")
+        sys.stderr.flush()
+    driver = _start_driver(opts.driver, path) if opts.driver else None
+    if driver is not None:
+        ctl.on_tick = lambda: driver.poll() is not None and ctl.stop()
     try:
         ctl.run()
     finally:
         connection.remove(path, info)
-    return 0
+    if driver is None:
+        return 0
+    try:
+        return driver.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # the cluster is gone; the driver would only hang
+        driver.kill()
+        return driver.wait()
+
+
+def _start_driver(argv: List[str], path: str) -> subprocess.Popen:
+    """Run the user's driver script in its own process (no user code in the controller)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPI_LOCALRANK", "OMPI_", "SLURM_STEP"))}
+    env[connection.ENV_FILE] = path
+    return subprocess.Popen([sys.executable] + list(argv), env=env)
 
 
 def _refuse_live_file(path: str) -> None:
