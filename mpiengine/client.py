@@ -25,7 +25,11 @@ from .channel import Channel
 from .tunnel import Tunnel
 from .errors import (AuthenticationError, ClusterLost, CommandTimeout,  # noqa: F401
                      CompositeError, ConnectError, ErrorRecord, RemoteError)
-from .results import _NOT_FETCHED as _NOT_FETCHED_, _NOT_READY, PendingResult, ResultList
+from .codec import (_by_engine, _check_name, _decode, _inband, _names, _nones,  # noqa: F401
+                    _raise_refusal, _replies, _scatter_payload)
+from .display import PROGRESS_AFTER, PROGRESS_EVERY, isatty, print_output, terminal_progress
+from .mapping import Mapper, ParallelFunction
+from .results import _NOT_FETCHED as _NOT_FETCHED_, _NOT_READY, LARGE, PendingResult, ResultList
 
 __all__ = ["MultiEngineClient", "CompositeError", "PendingResult", "ResultList",
            "RemoteError", "ConnectError", "ClusterLost", "CommandTimeout"]
@@ -66,7 +70,7 @@ class MultiEngineClient:
         #: blocking call runs longer than two seconds; None turns it off. The default
         #: draws a line on a terminal and does nothing when stderr is not one.
         self.on_progress: Optional[Callable[[int, int, float, bool], None]] = (
-            terminal_progress if _isatty(sys.stderr) else None)
+            terminal_progress if isatty(sys.stderr) else None)
         self._chan.on_event = self._on_event
 
     def _connect(self, timeout: float, wait: Optional[float],
@@ -416,151 +420,3 @@ class MultiEngineClient:
         from . import magics  # IPython is imported only when magics are wanted
 
         magics.activate(self)
-
-
-class Mapper:
-    """``map`` bound to a fixed choice of targets and block mode."""
-
-    def __init__(self, client: MultiEngineClient, dist: str, targets: Targets,
-                 block: Optional[bool]) -> None:
-        if dist != "b":
-            raise ValueError(f"only block distribution ('b') is supported; got {dist!r}")
-        self.client, self.targets, self.block = client, targets, block
-
-    def map(self, func: Callable, *seqs: Any) -> Any:
-        return self.client.map(func, *seqs, targets=self.targets, block=self.block)
-
-
-class ParallelFunction:
-    """A function that, called on sequences, is mapped over them on the engines."""
-
-    def __init__(self, func: Callable, mapper: Mapper) -> None:
-        self.func, self.mapper = func, mapper
-        self.__name__ = getattr(func, "__name__", "parallel_function")
-        self.__doc__ = getattr(func, "__doc__", None)
-
-    def __call__(self, *seqs: Any) -> Any:
-        return self.mapper.map(self.func, *seqs)
-
-
-# --- helpers --------------------------------------------------------------------------------
-PROGRESS_AFTER = 2.0
-PROGRESS_EVERY = 0.5
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
-def terminal_progress(done: int, total: int, elapsed: float, finished: bool) -> None:
-    """The default progress display: one line on stderr, rewritten in place."""
-    if finished:
-        sys.stderr.write("\r" + " " * 60 + "\r")
-    else:
-        sys.stderr.write(f"\r[mpiengine] {done}/{total} engines done, {elapsed:.0f} s")
-    sys.stderr.flush()
-
-
-class _Large:
-    def __repr__(self) -> str:
-        return "<finished; result too large for partial(): wait for the whole result>"
-
-
-#: Stands in ``partial()`` for a finished engine whose result is too big to send early.
-LARGE = _Large()
-
-
-def print_output(engine_id: int, name: str, text: str) -> None:
-    """The default live-output handler: ``[stdout:2] line`` on this process's stdout/stderr."""
-    out = sys.stderr if name == "stderr" else sys.stdout
-    out.write("".join(f"[{name}:{engine_id}] {line}\n" for line in text.splitlines()))
-    out.flush()
-
-
-def _nones(values: List[Any]) -> List[None]:
-    return [None] * len(values)
-
-
-def _inband(obj: Any) -> bytes:
-    data, buffers = payload.dumps(obj)
-    if buffers:  # scattered pieces travel inside one buffer: pickle them in-band
-        import cloudpickle
-
-        return cloudpickle.dumps(obj, protocol=5)
-    return data
-
-
-def _check_name(key: Any) -> None:
-    if not isinstance(key, str):
-        raise TypeError(f"a name on the engines must be a string; got {key!r}")
-    if not key.isidentifier():
-        raise ValueError(f"a name on the engines must be a Python identifier; got {key!r}")
-
-
-def _names(keys: Any) -> Tuple[List[str], bool]:
-    if isinstance(keys, str):
-        _check_name(keys)
-        return [keys], True
-    if isinstance(keys, (list, tuple)) and keys:
-        for k in keys:
-            _check_name(k)
-        return list(keys), False
-    raise TypeError(f"pull takes a name or a tuple of names; got {keys!r}")
-
-
-def _scatter_payload(seq: Any, k: int, what: str) -> Tuple[dict, List[Any], List[int]]:
-    """Return (meta, parts, byte counts per target) for scattering ``seq`` over k targets."""
-    seq = partition.as_sequence(seq, what)
-    if partition.is_array(seq) and seq.dtype.kind in "biufc" and 0 not in seq.shape[1:]:
-        # Plain numbers travel as raw bytes; structured, datetime and object arrays
-        # (and rows of width 0, which carry no bytes to count) go as pickles.
-        import numpy
-
-        arr = numpy.ascontiguousarray(seq)
-        row = arr.itemsize * (int(numpy.prod(arr.shape[1:])) if arr.ndim > 1 else 1)
-        counts = [(b - a) * row for a, b in partition.bounds(len(arr), k)]
-        meta = {"kind": "array", "dtype": arr.dtype.str, "shape": list(arr.shape[1:])}
-        return meta, [memoryview(arr).cast("B")], counts
-    blobs = [_inband(p) for p in partition.split(seq, k)]
-    return {"kind": "pickle"}, [b"".join(blobs)], [len(b) for b in blobs]
-
-
-def _raise_refusal(frame: P.Frame) -> None:
-    if frame.kind != P.ERROR:
-        return
-    ename, evalue = frame.meta.get("ename", "RuntimeError"), frame.meta.get("evalue", "")
-    cls = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyError}.get(ename)
-    if cls is not None:
-        raise cls(evalue)
-    raise RuntimeError(f"the controller refused the request: {evalue}")
-
-
-def _replies(frame: P.Frame) -> List[dict]:
-    """Split a RESULT frame into the engines' reply dicts, in engine order."""
-    _raise_refusal(frame)
-    metas, datas = memoryview(frame.parts[0]), memoryview(frame.parts[1])
-    replies, mo, do = [], 0, 0
-    for m, d in frame.meta["sizes"]:
-        replies.append(payload.unpack(metas[mo:mo + m], datas[do:do + d]))
-        mo, do = mo + m, do + d
-    return replies
-
-
-def _by_engine(replies: List[dict], ids: List[int]) -> Dict[int, Any]:
-    return {i: (r["value"] if r["ok"] else ErrorRecord.from_dict(r["error"]))
-            for i, r in zip(ids, replies)}
-
-
-def _decode(frame: P.Frame, method: str) -> List[Any]:
-    """Turn a RESULT frame into per-engine values; raise CompositeError on failures."""
-    replies = _replies(frame)
-    values = [r["value"] for r in replies]
-    errors = [ErrorRecord.from_dict(r["error"]) for r in replies if not r["ok"]]
-    if errors:
-        method = errors[0].method or method
-        raise CompositeError(method, errors,
-                             ResultList(values) if method == "execute" else values)
-    return values

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import builtins
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 __all__ = [

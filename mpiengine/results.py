@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional
 
 from .errors import CommandTimeout
 
-__all__ = ["ResultList", "PendingResult"]
+__all__ = ["ResultList", "PendingResult", "LARGE"]
 
 
 class ResultList(list):
@@ -141,6 +141,15 @@ class PendingResult:
         except Exception:  # a failed command is a finished one
             pass
         return True
+
+
+class _Large:
+    def __repr__(self) -> str:
+        return "<finished; result too large for partial(): wait for the whole result>"
+
+
+#: Stands in ``partial()`` for a finished engine whose result is too big to send early.
+LARGE = _Large()
 
 
 class _NotReady:
