@@ -2,11 +2,14 @@
 
 Layout (imports point down only; see docs/architecture.md):
 
-    magics  cli                     user-facing (may print; magics imports IPython)
-    client  launcher                runtime (under mpiexec only)
-    channel                         controller  server  enginerank  engine
-    protocol connection results     fabric (the only module that imports mpi4py)
-    payload partition errors
+    magics  cli                         user-facing (may print; magics imports IPython)
+    client  launcher                    the user's side
+      mapping display codec channel tunnel
+    runtime                             under mpiexec only
+      controller server doorbell tls    rank 0
+      enginerank engine capture         ranks 1..N
+      fabric                            the only module that imports mpi4py
+    protocol connection results payload partition errors     shared by both sides
 
 Importing this package imports neither mpi4py nor IPython: that is left to
 ``mpiengine.fabric`` (ranks under mpiexec) and ``mpiengine.magics`` (IPython).

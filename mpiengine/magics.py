@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import re
 import sys
-import time
 from argparse import ArgumentTypeError
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -324,6 +323,7 @@ class _CellProgress:
         self.shell = shell
         self._handle: Any = None
         self._key: Any = None
+        self._elapsed = 0.0
 
     @staticmethod
     def _bundle(done: int, total: int, elapsed: float, finished: bool) -> Dict[str, str]:
@@ -426,7 +426,6 @@ def load_ipython_extension(ip: Any) -> None:
     magics = magics_for(ip)
     if magics.client is not None:  # loaded before: keep the client in use
         return
-    t0 = time.monotonic()
     try:
         mec = _connect()
     # Loading an extension must not fail because the cluster is down, whatever
@@ -439,8 +438,8 @@ def load_ipython_extension(ip: Any) -> None:
         return
     activate(mec, shell=ip)
     magics._loaded_client = mec
-    n = len(mec.get_ids()) if hasattr(mec, "get_ids") else "?"
-    where = f"{n} engines, connected in {time.monotonic() - t0:.1f} s"
+    ids = mec.get_ids() if hasattr(mec, "get_ids") else None
+    where = f"connected to {len(ids)} engines" if ids else "connected"
     name = "mec"
     if name not in ip.user_ns:
         ip.push({name: mec})
