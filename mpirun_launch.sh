@@ -17,7 +17,7 @@
 #   ./mpirun_launch.sh -n 64 --ip ib0 --connection-file $HOME/jobs/$SLURM_JOB_ID.json
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed -n 's/^# \{0,1\}//p'; exit "${1:-2}"; }
 
 engines=""
 args=()

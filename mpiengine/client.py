@@ -25,6 +25,7 @@ from .channel import Channel
 from .tunnel import Tunnel
 from .errors import (AuthenticationError, ClusterLost, CommandTimeout,  # noqa: F401
                      CompositeError, ConnectError, ErrorRecord, RemoteError)
+from .codec import decode_any
 from .codec import (_by_engine, _check_name, _decode, _inband, _names, _nones,  # noqa: F401
                     _raise_refusal, _replies, _scatter_payload)
 from .display import PROGRESS_AFTER, PROGRESS_EVERY, isatty, print_output, terminal_progress
@@ -203,6 +204,7 @@ class MultiEngineClient:
             return self._chan.wait(pr._reply_req, timeout)
         start = time.monotonic()
         shown = False
+        done = 0
         while True:
             elapsed = time.monotonic() - start
             step = PROGRESS_EVERY if elapsed >= PROGRESS_AFTER else PROGRESS_AFTER - elapsed
@@ -212,7 +214,8 @@ class MultiEngineClient:
             elapsed = time.monotonic() - start
             if frame is not None or (timeout is not None and elapsed >= timeout):
                 if shown:
-                    handler(pr.n_targets, pr.n_targets, elapsed, True)
+                    handler(pr.n_targets if frame is not None else done, pr.n_targets,
+                            elapsed, True)
                 return frame
             if elapsed >= PROGRESS_AFTER:
                 try:
@@ -262,7 +265,7 @@ class MultiEngineClient:
 
     def get_pending(self, result_id: str) -> PendingResult:
         """Return a PendingResult for a result id from this or an earlier client."""
-        return PendingResult(self, str(result_id), "fetch", lambda f: _decode(f, "fetch"))
+        return PendingResult(self, str(result_id), "fetch", decode_any)
 
     # --- running code ------------------------------------------------------------------------
     def execute(self, lines: str, targets: Targets = None, block: Optional[bool] = None,
@@ -392,7 +395,8 @@ class MultiEngineClient:
     def interrupt(self, targets: Targets = None) -> List[int]:
         """Raise KeyboardInterrupt in the user code running on the targets now.
 
-        Commands queued behind it still run. Returns the engine ids signalled.
+        Commands queued behind it still run. Returns the engine ids signalled;
+        an idle engine ignores the signal.
         """
         spec, _ = self._targets(targets)
         return self._control(P.INTERRUPT, {"targets": spec}, timeout=10.0)["engines"]

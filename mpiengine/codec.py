@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Tuple
 
 from . import partition, payload
 from . import protocol as P
-from .errors import CompositeError, ErrorRecord
+from .errors import CompositeError, ErrorRecord, NoSuchResult
 from .results import ResultList
 
 def _nones(values: List[Any]) -> List[None]:
@@ -65,7 +65,7 @@ def _raise_refusal(frame: P.Frame) -> None:
     if frame.kind != P.ERROR:
         return
     ename, evalue = frame.meta.get("ename", "RuntimeError"), frame.meta.get("evalue", "")
-    cls = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyError}.get(ename)
+    cls = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": NoSuchResult}.get(ename)
     if cls is not None:
         raise cls(evalue)
     raise RuntimeError(f"the controller refused the request: {evalue}")
@@ -97,3 +97,19 @@ def _decode(frame: P.Frame, method: str) -> List[Any]:
         raise CompositeError(method, errors,
                              ResultList(values) if method == "execute" else values)
     return values
+
+
+#: How each operation's per-engine values become what the call returns.
+FINISH = {
+    P.EXECUTE: ResultList,
+    P.PUSH: _nones, P.SCATTER: _nones, P.RESET: _nones,
+    P.GATHER: partition.join, P.APPLY: partition.join,
+}
+
+
+def decode_any(frame: Any) -> Any:
+    """Decode a result fetched by id alone: the operation comes from the reply."""
+    op = frame.meta.get("op")
+    values = _decode(frame, P.kind_name(op) if op in P.KINDS else "fetch")
+    finish = FINISH.get(op)
+    return finish(values) if finish else values

@@ -33,6 +33,7 @@ from .server import Conn, Server
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0
+EARLY_FAILURE_AFTER = 1.0
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Command:
     bufs: List[Any] = field(default_factory=list)
     sizes: List[Tuple[int, int]] = field(default_factory=list)
     partial: Dict[str, dict] = field(default_factory=dict)
+    t0: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -169,7 +171,8 @@ class Controller:
             else:
                 raise ValueError(f"{P.kind_name(frame.kind)} is not a request")
         except (ValueError, TypeError, KeyError, RuntimeError) as e:
-            refusal = {"ename": type(e).__name__, "evalue": str(e)}
+            text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            refusal = {"ename": type(e).__name__, "evalue": text}
             rid = frame.meta.get("result_id")
             if (frame.kind in P.ENGINE_OPS and not frame.meta.get("block", True)
                     and isinstance(rid, str) and rid not in self.running
@@ -354,9 +357,12 @@ class Controller:
         cmd.partial[str(note["id"])] = note
         conn = self._watcher(cmd)
         error = note.get("error")
-        if conn is not None and error:  # say it now: the others may run for long
-            text = (f"{error.get('ename')}: {error.get('evalue')} "
-                    f"(failed; the other engines are still running)\n")
+        # Say it now only when it helps: a command that has already run a while on
+        # several engines, some of which may run for long yet.
+        if (conn is not None and error and len(cmd.targets) > 1
+                and time.monotonic() - cmd.t0 >= EARLY_FAILURE_AFTER):
+            text = (f"{error.get('ename')}: {error.get('evalue')} (engine {note['id']} "
+                    f"failed; the full report comes when every target has finished)\n")
             self.server.send(conn, P.STREAM, {"result_id": cmd.result_id, "id": note["id"],
                                              "chunks": [["stderr", text]]})
 

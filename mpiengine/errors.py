@@ -23,6 +23,7 @@ __all__ = [
     "ClusterLost",
     "CommandTimeout",
     "ProtocolError",
+    "NoSuchResult",
     "ErrorRecord",
 ]
 
@@ -36,6 +37,13 @@ class ProtocolError(MPIEngineError, ValueError):
 
     The connection that sent them is closed; nothing in the frame was acted on.
     """
+
+
+class NoSuchResult(MPIEngineError, KeyError):
+    """Raised when a result id is unknown: already fetched, or never submitted."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "no such result"
 
 
 class ConnectError(MPIEngineError, ConnectionError):
@@ -98,7 +106,8 @@ class ErrorRecord:
 
     def line(self) -> str:
         """Return the one-line summary ``[id:method]: Type: message``."""
-        return f"[{self.engine_id}:{self.method}]: {self.ename}: {self.evalue}"
+        text = f"{self.ename}: {self.evalue}" if self.evalue else self.ename
+        return f"[{self.engine_id}:{self.method}]: {text}"
 
 
 class RemoteError(MPIEngineError):
@@ -168,7 +177,7 @@ class CompositeError(MPIEngineError):
         return len(self.elist)
 
     def _get_engine_str(self, excid: int) -> str:
-        return f"[{self.elist[excid].engine_id}:{self.elist[excid].method}]: "
+        return f"[{self.elist[excid].engine_id}:{self.elist[excid].method}]:"
 
     def _get_traceback(self, excid: int) -> str:
         rec = self.elist[excid]

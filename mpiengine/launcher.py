@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -27,19 +28,21 @@ class LaunchError(MPIEngineError, RuntimeError):
     """Raised when a cluster cannot be started, reached or stopped; the message says why."""
 
 
-def find_mpiexec() -> str:
-    """$MPIEXEC, else the mpiexec beside this Python (a venv with the mpich wheel), else PATH."""
+def find_mpiexec() -> List[str]:
+    """The launcher command as words: $MPIEXEC (may carry flags, e.g. 'mpirun
+    --oversubscribe'), else the mpiexec beside this Python (a venv with the mpich
+    wheel), else the one on PATH."""
     env = os.environ.get("MPIEXEC")
     if env:
-        return env
+        return shlex.split(env)
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     if os.access(beside, os.X_OK):
-        return beside
+        return [beside]
     found = shutil.which("mpiexec") or shutil.which("mpirun")
     if not found:
         raise LaunchError("no mpiexec found: install an MPI ('pip install mpiengine[mpich]') "
                           "or set $MPIEXEC")
-    return found
+    return [found]
 
 
 def _sidecar(path: str) -> str:
@@ -78,8 +81,9 @@ def start(n: int, path: str, profile: Optional[str], ip: str, port: int, timeout
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     logdir = os.path.join(connection.base_dir(), "log")
     os.makedirs(logdir, mode=0o700, exist_ok=True)
-    log_path = os.path.join(logdir, f"cluster-{profile or 'default'}.log")
-    cmd = [find_mpiexec(), "-n", str(n + 1), sys.executable, "-m", "mpiengine", "serve",
+    name = profile or os.path.splitext(os.path.basename(path))[0].replace("controller-", "")
+    log_path = os.path.join(logdir, f"cluster-{name}.log")
+    cmd = find_mpiexec() + ["-n", str(n + 1), sys.executable, "-m", "mpiengine", "serve",
            "--connection-file", path, "--ip", ip, "--port", str(port), "--tls", tls]
     if profile:
         cmd += ["--profile", profile]
@@ -116,11 +120,16 @@ def stop(path: str, timeout: float) -> int:
     pid = _launched_pid(path)
     mec = _try_connect(path, 5.0) if os.path.exists(path) else None
     if mec is None and pid is None:
-        if os.path.exists(path):
-            os.unlink(path)
-            print(f"no cluster answers at {path}; removed the stale connection file")
-            return 0
-        raise LaunchError(f"no cluster to stop: {path} does not exist")
+        lost = _lost_note(path)
+        if lost:
+            print(f"the cluster had already ended: {lost}")
+        stale = [p for p in (path, _sidecar(path), path + ".lost") if os.path.exists(p)]
+        if not stale:
+            raise LaunchError(f"no cluster to stop: {path} does not exist")
+        for leftover in stale:
+            os.unlink(leftover)
+        print(f"no cluster answers at {path}; removed its stale files")
+        return 0
     controller = None
     if mec is not None:
         controller = mec.info.pid if mec.info.host == os.uname().nodename else None

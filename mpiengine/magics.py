@@ -24,6 +24,8 @@ Design:
 """
 from __future__ import annotations
 
+import contextvars
+import logging
 import re
 import sys
 from argparse import ArgumentTypeError
@@ -48,6 +50,8 @@ __all__ = ["ParallelMagics", "activate", "deactivate", "magics_for",
            "load_ipython_extension", "unload_ipython_extension", "format_stacks"]
 
 Targets = Union[str, int, List[int]]
+
+_log = logging.getLogger(__name__)
 
 #: Our magics. Under %autopx every cell starting with a magic runs locally; these
 #: also stay local when typed bare with automagic on (the reference's "autopx").
@@ -281,19 +285,22 @@ class _CellOutput:
 
     The client's reader thread calls it. ipykernel picks the cell an output
     belongs to from a per-thread parent header, and versions differ in what a
-    thread that is not the kernel's own gets (ipykernel 6.29 ties a thread to
-    the cell that started it: for the reader thread, the ``%load_ext`` cell).
-    So the header of each cell is recorded when it starts and set explicitly
-    around each write.
+    thread that is not the kernel's own gets: ipykernel 7 uses the latest
+    request, 6.29 the cell that started the thread (for the reader thread, the
+    ``%load_ext`` cell, so every live line would land there). So the header
+    of each cell is recorded when it starts and set around each write.
     """
 
     def __init__(self, shell: Any) -> None:
         self.shell = shell
-        self.parent: Dict[str, Any] = dict(getattr(shell, "parent_header", {}) or {})
+        self.parent: Dict[str, Any] = {}
+        self._remember()
         shell.events.register("pre_run_cell", self._remember)
 
     def _remember(self, info: Any = None) -> None:
-        self.parent = dict(getattr(self.shell, "parent_header", {}) or {})
+        parent = getattr(self.shell, "parent_header", None) or {}
+        # ipykernel 7 keeps the request's header here, 6.29 the whole request.
+        self.parent = dict(parent.get("header", parent)) if isinstance(parent, dict) else {}
 
     def close(self) -> None:
         try:
@@ -303,13 +310,33 @@ class _CellOutput:
 
     def __call__(self, engine_id: int, name: str, text: str) -> None:
         stream = sys.stderr if name == "stderr" else sys.stdout
-        setter = getattr(stream, "set_thread_parent", None)
-        token = setter(self.parent) if callable(setter) and self.parent else None
+        # An exception here would end the client's reader thread, and with it
+        # the connection: a line that cannot be shown is logged and dropped.
         try:
-            print_output(engine_id, name, text)
-        finally:
-            if token is not None:
-                stream.reset_thread_parent(token)
+            reset = _set_thread_parent(stream, self.parent)
+            try:
+                print_output(engine_id, name, text)
+            finally:
+                reset()
+        except Exception:
+            _log.exception("live output of engine %s could not be shown", engine_id)
+
+
+def _set_thread_parent(stream: Any, parent: Dict[str, Any]) -> Callable[[], None]:
+    """Make ``stream``'s output in this thread belong to ``parent``; return the undo."""
+    if not parent:
+        return lambda: None
+    setter = getattr(stream, "set_thread_parent", None)  # ipykernel 7
+    if callable(setter):
+        token = setter(parent)
+        return lambda: stream.reset_thread_parent(token)
+    # ipykernel 6.29 has no public call for it, but consults the same context
+    # variable before its thread-to-cell table.
+    var = getattr(stream, "_parent_header", None)
+    if isinstance(var, contextvars.ContextVar):
+        token = var.set(parent)
+        return lambda: var.reset(token)
+    return lambda: None
 
 
 class _CellProgress:

@@ -55,6 +55,13 @@ def serve(opts: ServeOptions) -> int:
         if world.is_controller:
             return _controller(world, opts)
         return _engine(world, opts)
+    except SystemExit as e:  # a refusal with its own message (a file in use, a bad --ip)
+        if e.code not in (None, 0):
+            sys.stderr.write(f"{e.code}\n")
+            sys.stderr.flush()
+            if world is not None:
+                world.abort(1)
+        raise
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
@@ -193,10 +200,21 @@ def _interface_address(name: str) -> Optional[str]:
 
 
 def _advertised(bound: str) -> str:
-    """The address clients should dial: the bound one, or this host's for a wildcard."""
+    """The address clients should dial: the bound one, or this host's for a wildcard.
+
+    Debian maps the host name to 127.0.1.1, which no other host can reach: then
+    the first non-loopback address of a network interface is used instead.
+    """
     if bound != "0.0.0.0":
         return bound
     try:
-        return socket.gethostbyname(socket.gethostname())
+        addr = socket.gethostbyname(socket.gethostname())
+        if not addr.startswith("127."):
+            return addr
     except OSError:
-        return "127.0.0.1"
+        pass
+    for _index, name in socket.if_nameindex():
+        found = _interface_address(name)
+        if found and not found.startswith("127."):
+            return found
+    return "127.0.0.1"

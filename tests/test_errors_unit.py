@@ -197,7 +197,7 @@ def test_print_tracebacks_without_traceback_text():
                                     method="pull")])
     out = io.StringIO()
     c.print_tracebacks(file=out)
-    assert out.getvalue() == "[1:pull]: \nNameError: name 'x' is not defined\n"
+    assert out.getvalue() == "[1:pull]:\nNameError: name 'x' is not defined\n"
 
 
 def test_render_traceback_groups_identical_tracebacks(ce):
