@@ -39,10 +39,10 @@ python="${PYTHON:-python3}"
 
 if [ -n "${MPIEXEC:-}" ]; then
     # shellcheck disable=SC2086  # MPIEXEC may carry its own flags
-    exec $MPIEXEC -n "$ranks" "$python" -m mpiengine serve "${args[@]}"
+    exec $MPIEXEC -n "$ranks" "$python" -m mpiengine serve ${args[@]+"${args[@]}"}
 elif [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null 2>&1; then
     # shellcheck disable=SC2086
-    exec srun --mpi="${SRUN_MPI:-pmi2}" ${SRUN_FLAGS:-} -n "$ranks" "$python" -m mpiengine serve "${args[@]}"
+    exec srun --mpi="${SRUN_MPI:-pmi2}" ${SRUN_FLAGS:-} -n "$ranks" "$python" -m mpiengine serve ${args[@]+"${args[@]}"}
 else
-    exec mpiexec -n "$ranks" "$python" -m mpiengine serve "${args[@]}"
+    exec mpiexec -n "$ranks" "$python" -m mpiengine serve ${args[@]+"${args[@]}"}
 fi

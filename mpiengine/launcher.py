@@ -93,6 +93,17 @@ def start(n: int, path: str, profile: Optional[str], ip: str, port: int, timeout
     with open(_sidecar(path) + ".tmp", "w") as f:
         json.dump({"pid": proc.pid, "log": log_path}, f)
     os.replace(_sidecar(path) + ".tmp", _sidecar(path))
+    try:
+        return _await_start(proc, n, path, log_path, timeout)
+    except BaseException:  # Ctrl-C, a crash, a timeout: never leave a half-started job
+        _kill_group(proc.pid)
+        if os.path.exists(_sidecar(path)):
+            os.unlink(_sidecar(path))
+        raise
+
+
+def _await_start(proc: subprocess.Popen, n: int, path: str, log_path: str,
+                 timeout: float) -> int:
     t0 = time.monotonic()
     deadline = t0 + timeout
     while time.monotonic() < deadline:
@@ -111,14 +122,13 @@ def start(n: int, path: str, profile: Optional[str], ip: str, port: int, timeout
                                  f"{time.monotonic() - t0:.1f} s (log: {log_path})\n")
                 return 0
         time.sleep(0.05)
-    _kill_group(proc.pid)
     raise LaunchError(f"the cluster did not answer within {timeout} s and was stopped; "
                       f"its log ({log_path}) ends with:\n{_tail(log_path)}")
 
 
 def stop(path: str, timeout: float) -> int:
     pid = _launched_pid(path)
-    mec = _try_connect(path, 5.0) if os.path.exists(path) else None
+    mec = _try_connect(path, min(5.0, timeout)) if os.path.exists(path) else None
     if mec is None and pid is None:
         lost = _lost_note(path)
         if lost:

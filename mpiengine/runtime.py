@@ -15,6 +15,7 @@ import traceback
 from dataclasses import dataclass
 import subprocess
 import tempfile
+import time
 from typing import List, Optional
 
 from . import connection, fabric, tls
@@ -60,6 +61,7 @@ def serve(opts: ServeOptions) -> int:
             sys.stderr.write(f"{e.code}\n")
             sys.stderr.flush()
             if world is not None:
+                time.sleep(0.5)  # let mpiexec forward the message before the abort
                 world.abort(1)
         raise
     except BaseException:
