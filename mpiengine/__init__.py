@@ -30,3 +30,10 @@ def load_ipython_extension(ip):  # noqa: ANN001 - IPython's hook signature
     from .magics import load_ipython_extension as load
 
     load(ip)
+
+
+def unload_ipython_extension(ip):  # noqa: ANN001
+    """``%unload_ext mpiengine``: forget the active client and turn %autopx off."""
+    from .magics import unload_ipython_extension as unload
+
+    unload(ip)

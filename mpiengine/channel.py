@@ -42,6 +42,7 @@ class Channel:
     def __init__(self, info: ConnectionInfo, path: str, timeout: float = 10.0,
                  max_message: int = P.DEFAULT_MAX_MESSAGE) -> None:
         self.where = f"{info.ip}:{info.port} (from {path})"
+        self.limit = int(info.max_message)
         try:
             sock = socket.create_connection((info.ip, info.port), timeout=timeout)
         except OSError as e:
@@ -96,6 +97,10 @@ class Channel:
     def request(self, kind: int, meta: dict, parts: List[Any] = ()) -> int:
         """Send a request; return its number, which its reply will carry."""
         self._check()
+        size = sum(memoryview(p).nbytes for p in parts)
+        if size > self.limit:
+            raise ValueError(f"this request carries {size} bytes; the cluster takes at most "
+                             f"{self.limit} per message (serve --max-message-size)")
         req = next(self._reqs)
         with self._send_lock:
             chunks = self.sender.encode(kind, dict(meta, req=req), parts)

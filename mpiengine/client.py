@@ -14,6 +14,7 @@ holds each engine's error. This module imports neither mpi4py nor IPython.
 from __future__ import annotations
 
 import base64
+import logging
 import secrets
 import sys
 import time
@@ -34,6 +35,8 @@ from .results import _NOT_FETCHED as _NOT_FETCHED_, _NOT_READY, LARGE, PendingRe
 
 __all__ = ["MultiEngineClient", "CompositeError", "PendingResult", "ResultList",
            "RemoteError", "ConnectError", "ClusterLost", "CommandTimeout"]
+
+log = logging.getLogger(__name__)
 
 Targets = Union[str, int, Sequence[int], None]
 
@@ -241,7 +244,10 @@ class MultiEngineClient:
             if tail:
                 self._line_tails[(eid, name)] = tail
             if sep:
-                handler(eid, name, head + sep)
+                try:
+                    handler(eid, name, head + sep)
+                except Exception:  # a faulty handler must not cut the connection
+                    log.exception("the on_output handler failed")
 
     def _partial(self, pr: PendingResult) -> Dict[int, Any]:
         """What ``pr.partial()`` returns: the engines done so far."""

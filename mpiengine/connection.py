@@ -63,6 +63,7 @@ class ConnectionInfo:
     n_engines: int = 0
     profile: str = "default"
     tls: Optional[dict] = None
+    max_message: int = 16 * 2**30
     version: int = 1
 
     @classmethod

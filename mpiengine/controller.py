@@ -52,6 +52,7 @@ class Command:
     sizes: List[Tuple[int, int]] = field(default_factory=list)
     partial: Dict[str, dict] = field(default_factory=dict)
     t0: float = field(default_factory=time.monotonic)
+    interrupted: bool = False  # the user asked: its KeyboardInterrupts are no news
 
 
 @dataclass
@@ -202,8 +203,11 @@ class Controller:
         counts = meta.get("counts")
         scatter = None
         if counts is not None:
-            if len(counts) != len(targets) or not parts or sum(counts) != len(parts[-1]):
-                raise ValueError("scatter counts do not match the targets and the data sent")
+            if (not isinstance(counts, list) or len(counts) != len(targets) or not parts
+                    or not all(type(c) is int and c >= 0 for c in counts)
+                    or sum(counts) != len(parts[-1])):
+                raise ValueError("scatter counts must be one byte count (an int >= 0) per "
+                                 "target, adding up to the data sent")
             parts, scatter = parts[:-1], parts[-1]
         engine_meta = {k: v for k, v in meta.items() if k not in ("req", "result_id", "block")}
         engine_meta.update(op=frame.kind, targets=list(targets),
@@ -306,6 +310,7 @@ class Controller:
                 self._reply(conn, frame, engines=[])
                 return
             seq = cmd.seq
+            cmd.interrupted = True
             targets = tuple(t for t in cmd.targets if t in targets)
         reqs, keep = self._send_header({"op": P.INTERRUPT, "targets": list(targets), "seq": seq})
         self.sends.append((reqs, keep))
@@ -359,7 +364,7 @@ class Controller:
         error = note.get("error")
         # Say it now only when it helps: a command that has already run a while on
         # several engines, some of which may run for long yet.
-        if (conn is not None and error and len(cmd.targets) > 1
+        if (conn is not None and error and len(cmd.targets) > 1 and not cmd.interrupted
                 and time.monotonic() - cmd.t0 >= EARLY_FAILURE_AFTER):
             text = (f"{error.get('ename')}: {error.get('evalue')} (engine {note['id']} "
                     f"failed; the full report comes when every target has finished)\n")

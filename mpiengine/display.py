@@ -21,17 +21,31 @@ def isatty(stream: Any) -> bool:
         return False
 
 
+_progress_shown = False
+
+
+def _clear_progress() -> None:
+    global _progress_shown
+    if _progress_shown:
+        sys.stderr.write("\r" + " " * 60 + "\r")
+        sys.stderr.flush()
+        _progress_shown = False
+
+
 def terminal_progress(done: int, total: int, elapsed: float, finished: bool) -> None:
     """The default progress display: one line on stderr, rewritten in place."""
+    global _progress_shown
     if finished:
-        sys.stderr.write("\r" + " " * 60 + "\r")
-    else:
-        sys.stderr.write(f"\r[mpiengine] {done}/{total} engines done, {elapsed:.0f} s")
+        _clear_progress()
+        return
+    sys.stderr.write(f"\r[mpiengine] {done}/{total} engines done, {elapsed:.0f} s")
     sys.stderr.flush()
+    _progress_shown = True
 
 
 def print_output(engine_id: int, name: str, text: str) -> None:
     """The default live-output handler: ``[stdout:2] line`` on this process's stdout/stderr."""
+    _clear_progress()  # live lines go above the progress line, not into it
     out = sys.stderr if name == "stderr" else sys.stdout
     out.write("".join(f"[{name}:{engine_id}] {line}\n" for line in text.splitlines()))
     out.flush()

@@ -123,19 +123,12 @@ class Engine:
             return payload.pack({"ok": False, "value": None, "error": self.last_error})
 
     def error_record(self, e: BaseException, method: str) -> dict:
-        tb = e.__traceback__
-        # Drop this module's own frames: the user wants to see their code.
-        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-            tb = tb.tb_next
         ename = type(e).__name__
         if isinstance(e, SystemExit):
             evalue = f"SystemExit({e.code!r}) in user code; the engine keeps running"
         else:
             evalue = _safe(lambda: str(e), f"<{ename} whose str() failed>")
-        if isinstance(e, SyntaxError):  # where it was parsed is noise: show the code
-            tb = None
-        text = _safe(lambda: "".join(traceback.format_exception(type(e), e, tb)),
-                     f"{ename}: {evalue}\n")
+        text = _safe(lambda: _user_traceback(e), f"{ename}: {evalue}\n")
         return {"engine_id": self.id, "method": method, "ename": ename,
                 "evalue": evalue, "traceback": text, "host": self.host}
 
@@ -223,6 +216,21 @@ class Engine:
 
     def _ping(self, cmd: Command) -> dict:
         return {"id": self.id, "host": self.host, "pid": os.getpid()}
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_traceback(e: BaseException) -> str:
+    """Format ``e`` without this package's frames: the user wants to see their code
+    (an interrupt, for one, arrives through the runtime's signal handler)."""
+    te = traceback.TracebackException(type(e), e, e.__traceback__)
+    if isinstance(e, SyntaxError):  # where it was parsed is noise: show the code
+        te.stack = traceback.StackSummary.from_list([])
+    else:
+        te.stack = traceback.StackSummary.from_list(
+            [f for f in te.stack if not os.path.abspath(f.filename).startswith(_PACKAGE_DIR)])
+    return "".join(te.format())
 
 
 def _safe(func: Callable[[], str], default: str) -> str:

@@ -281,10 +281,11 @@ def main_stack(busy: bool) -> str:
     if frame is None or not busy:
         return "(idle: waiting for a command)"
     entries = traceback.extract_stack(frame)
-    ours = [i for i, e in enumerate(entries)
-            if os.path.abspath(e.filename).startswith(_PACKAGE_DIR + os.sep)]
-    # User code is what the package called: the frames after its last frame.
-    user = entries[ours[-1] + 1:] if ours else entries
+    ours = [os.path.abspath(e.filename).startswith(_PACKAGE_DIR + os.sep) for e in entries]
+    # User code starts at the first frame the package called; what it calls in turn
+    # (comm.allreduce of EngineComm, say) stays in view.
+    first = next((i for i in range(1, len(entries)) if ours[i - 1] and not ours[i]), 0)
+    user = entries[first:]
     return "".join(traceback.format_list(user))
 
 

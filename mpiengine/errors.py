@@ -10,6 +10,7 @@ Each library error also subclasses the builtin that fits, so a generic
 from __future__ import annotations
 
 import builtins
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
@@ -26,6 +27,9 @@ __all__ = [
     "NoSuchResult",
     "ErrorRecord",
 ]
+
+
+_ENGINE_INPUT = re.compile(r"<engine \d+ In \[\d+\]>")
 
 
 class MPIEngineError(Exception):
@@ -218,13 +222,19 @@ class CompositeError(MPIEngineError):
         raise exc from remote
 
     def _render_traceback_(self) -> list:
-        """Show the remote tracebacks in IPython, grouping identical ones."""
+        """Show the remote tracebacks in IPython, grouping identical ones.
+
+        Tracebacks that differ only in the engine's own name for the input
+        (``<engine 2 In [5]>``) count as identical; the first one is shown.
+        """
         groups: dict = {}
         for rec in self.elist:
-            groups.setdefault(rec.traceback or f"{rec.ename}: {rec.evalue}", []).append(rec)
+            text = rec.traceback or f"{rec.ename}: {rec.evalue}"
+            key = _ENGINE_INPUT.sub("<engine In>", text)
+            groups.setdefault(key, (text, []))[1].append(rec)
         lines = [f"CompositeError: one or more exceptions from call to method: {self.method}"]
-        for tb, recs in groups.items():
+        for text, recs in groups.values():
             ids = ",".join(str(r.engine_id) for r in recs)
             lines.append(f"[{ids}:{self.method}]:")
-            lines.extend(tb.rstrip().splitlines())
+            lines.extend(text.rstrip().splitlines())
         return lines

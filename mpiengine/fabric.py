@@ -117,7 +117,8 @@ class World:
         self._groups: Dict[Tuple[int, ...], Tuple[Any, Any]] = {
             self.all: (world.Dup(), world.Dup())}
         color = MPI.UNDEFINED if self.is_controller else 0
-        self.user = world.Split(color, self.rank)
+        user = world.Split(color, self.rank)
+        self.user = EngineComm(user) if user != MPI.COMM_NULL else user
         self._pending_free: List[Any] = []
 
     # --- set-up and teardown -------------------------------------------------------
@@ -239,6 +240,40 @@ class World:
         return [up.Igather([sizes, MPI.BYTE], None, root=0),
                 up.Igatherv([m, MPI.BYTE], None, root=0),
                 up.Igatherv([d, MPI.BYTE], None, root=0)], [sizes, meta, data]
+
+
+class EngineComm(MPI.Intracomm):
+    """The engines' communicator handed to user code as ``comm``.
+
+    mpi4py's object reductions (``allreduce``, ``reduce``, ``scan``, ``exscan``
+    with Python objects) hold the GIL while they wait for the other ranks, which
+    would freeze the engine's listener thread: no stacks, no interrupts, and
+    commands to other engines stuck behind it. These four are done here with
+    gathers, which wait without the GIL, and the reduction applied locally in rank
+    order (as MPI does for predefined operations; ``op`` must be associative).
+    Everything else is mpi4py's own.
+    """
+
+    def allreduce(self, sendobj: Any, op: Any = MPI.SUM) -> Any:
+        return _fold(op, self.allgather(sendobj))
+
+    def reduce(self, sendobj: Any, op: Any = MPI.SUM, root: int = 0) -> Any:
+        items = self.gather(sendobj, root=root)
+        return _fold(op, items) if items is not None else None
+
+    def scan(self, sendobj: Any, op: Any = MPI.SUM) -> Any:
+        return _fold(op, self.allgather(sendobj)[:self.Get_rank() + 1])
+
+    def exscan(self, sendobj: Any, op: Any = MPI.SUM) -> Any:
+        items = self.allgather(sendobj)[:self.Get_rank()]
+        return _fold(op, items) if items else None
+
+
+def _fold(op: Any, items: List[Any]) -> Any:
+    result = items[0]
+    for item in items[1:]:
+        result = op(result, item)
+    return result
 
 
 def _displacements(counts: Sequence[int]) -> List[int]:

@@ -43,7 +43,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "the mpiengine magics need IPython (pip install ipython); "
         "the client itself works without it: call mec.execute() directly") from e
 
-from .client import print_output
+from .display import print_output
 from .errors import CompositeError, ConnectError
 
 __all__ = ["ParallelMagics", "activate", "deactivate", "magics_for",
@@ -53,10 +53,11 @@ Targets = Union[str, int, List[int]]
 
 _log = logging.getLogger(__name__)
 
-#: Our magics. Under %autopx every cell starting with a magic runs locally; these
-#: also stay local when typed bare with automagic on (the reference's "autopx").
-LOCAL_MAGICS = ("autopx", "px", "result", "pxstacks", "pxinterrupt")
-_BARE_LOCAL = ("autopx", "pxstacks", "pxinterrupt")  # "result" may be an engine variable
+#: Under %autopx every cell that starts with a magic runs locally (ours and
+#: IPython's alike). These also stay local when typed bare with automagic on, as
+#: the reference's "autopx"; "px" and "result" are not in it: on the engines they
+#: may well be variable names.
+BARE_LOCAL_MAGICS = ("autopx", "pxstacks", "pxinterrupt")
 _MAGIC_RE = re.compile(r"^%{1,2}[A-Za-z_]")
 
 _NO_CLIENT = ("no active MultiEngineClient: call mec.activate() on a connected "
@@ -131,7 +132,7 @@ class _AutopxTransformer:
         if _MAGIC_RE.match(first):
             return True
         # With automagic on, a bare "autopx" is the magic too (as in the reference).
-        return bool(self.shell.automagic) and source.strip() in _BARE_LOCAL
+        return bool(self.shell.automagic) and source.strip() in BARE_LOCAL_MAGICS
 
 
 @magics_class

@@ -111,7 +111,7 @@ def _controller(world: fabric.World, opts: ServeOptions) -> int:
                      bells=tower, ssl_context=ssl_context)
     info = connection.ConnectionInfo(ip=_advertised(ip), port=ctl.address[1], key=key,
                                      n_engines=world.n_engines, profile=opts.profile,
-                                     tls=tls_info)
+                                     tls=tls_info, max_message=opts.max_message)
     ctl.lost_note = path + ".lost"
     if os.path.exists(ctl.lost_note):  # from an earlier cluster of this file
         os.unlink(ctl.lost_note)

@@ -5,6 +5,8 @@ The fake records every ``execute`` and answers with real ``ResultList`` and
 """
 from __future__ import annotations
 
+import contextvars
+import sys
 from typing import Any, List, Sequence
 
 import pytest
@@ -13,7 +15,7 @@ pytest.importorskip("IPython")
 from IPython.core.error import UsageError  # noqa: E402
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 
-from mpiengine import magics  # noqa: E402
+from mpiengine import display, magics  # noqa: E402
 from mpiengine.errors import CompositeError, ConnectError, ErrorRecord  # noqa: E402
 from mpiengine.results import PendingResult, ResultList  # noqa: E402
 
@@ -31,6 +33,10 @@ class FakeClient:
         self.fail: CompositeError | None = None
         self._last: Any = None
         self._pending: dict = {}
+        self.on_output: Any = display.print_output
+        self.on_progress: Any = None
+        self.closed = False
+        self.interrupted: List[Any] = []
 
     def _engines(self, targets: Any) -> List[int]:
         t = self.targets if targets is None else targets
@@ -59,6 +65,18 @@ class FakeClient:
 
     def last_result(self) -> Any:
         return self._last
+
+    def stacks(self, targets: Any = None) -> dict:
+        return {i: (f'  File "<engine {i} In [3]>", line 1, in <module>\n    comm.barrier()\n'
+                    if i < 2 else "(idle: waiting for a command)\n")
+                for i in self._engines(targets)}
+
+    def interrupt(self, targets: Any = None) -> List[int]:
+        self.interrupted.append(targets)
+        return self._engines(targets)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 @pytest.fixture
@@ -299,3 +317,223 @@ def test_load_extension_without_cluster(ip, monkeypatch, capsys):
     client = FakeClient()
     magics.activate(client, shell=ip)
     assert run(ip, "%px a = 1").success and client.calls
+
+
+# -- %pxstacks and %pxinterrupt ------------------------------------------------------
+
+@pytest.mark.parametrize("ids, text", [
+    ([3], "3"), ([0, 1, 2], "0-2"), ([0, 1, 2, 5, 7, 8], "0-2,5,7-8"), ([4, 0, 1], "0-1,4")])
+def test_id_ranges(ids, text):
+    assert magics._id_ranges(ids) == text
+
+
+def test_format_stacks_groups_identical_stacks():
+    text = magics.format_stacks({3: "idle\n", 0: "  File x\n    comm.barrier()\n",
+                                 1: "idle\n", 2: "idle"})
+    assert text == ("--- engine 0 ---\n  File x\n    comm.barrier()\n"
+                    "--- engines 1-3 ---\nidle")
+
+
+def test_pxstacks_prints_every_engine_by_default(ip, capsys):
+    fake = FakeClient(ids=(0, 1, 2, 3))
+    magics.activate(fake, shell=ip)
+    fake.targets = [0]  # %pxstacks still looks at all engines unless told
+    assert run(ip, "%pxstacks").success
+    out = capsys.readouterr().out
+    assert "--- engine 0 ---" in out and "--- engines 2-3 ---" in out
+    assert out.count("comm.barrier()") == 2
+    assert run(ip, "%pxstacks 1,3").success
+    out = capsys.readouterr().out
+    assert "--- engine 1 ---" in out and "--- engine 3 ---" in out and "engine 0" not in out
+    assert fake.calls == []  # nothing ran on the engines
+    assert isinstance(run(ip, "%pxstacks x").error_in_exec, UsageError)
+
+
+def test_pxinterrupt(ip, mec, capsys):
+    assert run(ip, "%pxinterrupt").success
+    assert "KeyboardInterrupt sent to engines 0-1" in capsys.readouterr().out
+    assert run(ip, "%pxinterrupt 1").success
+    assert "KeyboardInterrupt sent to engine 1\n" in capsys.readouterr().out
+    assert mec.interrupted == ["all", 1]
+
+
+def test_autopx_keeps_every_magic_local(ip, mec, capsys):
+    run(ip, "%autopx")
+    assert run(ip, "%pxstacks").success
+    assert run(ip, "%pxinterrupt 0").success
+    assert run(ip, "%who_ls").success
+    assert mec.calls == []
+    ip.automagic = True
+    try:
+        assert run(ip, "pxstacks").success  # bare, as the reference's "autopx"
+        assert mec.calls == []
+        run(ip, "result = 1")  # "result" may be a variable on the engines
+        assert [c["lines"] for c in mec.calls] == ["result = 1\n"]
+    finally:
+        run(ip, "%autopx")
+
+
+# -- errors and %debug -------------------------------------------------------------
+
+def test_debug_lands_in_the_magics_frame_with_the_error_as_e(ip, mec):
+    rec = ErrorRecord(1, "execute", "ZeroDivisionError", "division by zero", "tb\n")
+    mec.fail = CompositeError("execute", [rec])
+    res = run(ip, "%px 1/0")
+    tb = res.error_in_exec.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = tb.tb_frame
+    assert frame.f_code.co_name == "run"
+    assert frame.f_locals["e"] is mec.fail
+    assert frame.f_locals["self"] is magics.magics_for(ip)
+
+
+# -- in a Jupyter kernel -----------------------------------------------------------
+
+class FakeStream:
+    """An ipykernel OutStream stand-in: records writes with the thread parent in force."""
+
+    def __init__(self) -> None:
+        self.parent: Any = None
+        self.writes: List[Any] = []
+
+    def set_thread_parent(self, parent: Any) -> Any:
+        old, self.parent = self.parent, parent
+        return old
+
+    def reset_thread_parent(self, token: Any) -> None:
+        self.parent = token
+
+    def write(self, text: str) -> int:
+        self.writes.append((self.parent, text))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.fixture
+def kernel_ip(ip, monkeypatch):
+    """The shell posing as a kernel's: it has a ``kernel`` and a ``parent_header``."""
+    monkeypatch.setattr(ip, "kernel", object(), raising=False)
+    monkeypatch.setattr(ip, "parent_header", {"msg_id": "cell-1"}, raising=False)
+    yield ip
+    magics.unload_ipython_extension(ip)
+
+
+def test_kernel_output_goes_to_the_running_cell(kernel_ip, monkeypatch):
+    fake = FakeClient()
+    magics.activate(fake, shell=kernel_ip)
+    handler = fake.on_output
+    assert isinstance(handler, magics._CellOutput)
+    out = FakeStream()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(kernel_ip, "parent_header", {"msg_id": "cell-2"})
+    run(kernel_ip, "pass")  # pre_run_cell records the new cell's header
+    handler(3, "stdout", "a\nb\n")  # as the client's reader thread would
+    assert out.writes == [({"msg_id": "cell-2"}, "[stdout:3] a\n[stdout:3] b\n")]
+    assert out.parent is None  # reset after the write
+
+
+class OldStream:
+    """ipykernel 6.29's OutStream: no set_thread_parent, a private context variable."""
+
+    def __init__(self) -> None:
+        self._parent_header = contextvars.ContextVar("parent_header")
+        self.writes: List[Any] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append((self._parent_header.get(None), text))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_kernel_output_with_ipykernel_6(kernel_ip, monkeypatch):
+    # 6.29 keeps the whole request in shell.parent_header; the stream wants its header.
+    monkeypatch.setattr(kernel_ip, "parent_header",
+                        {"header": {"msg_id": "cell-7"}, "content": {"code": "x"}})
+    fake = FakeClient()
+    magics.activate(fake, shell=kernel_ip)
+    err = OldStream()
+    monkeypatch.setattr(sys, "stderr", err)
+    fake.on_output(0, "stderr", "oops\n")
+    assert err.writes == [({"msg_id": "cell-7"}, "[stderr:0] oops\n")]
+    assert err._parent_header.get(None) is None
+
+
+def test_kernel_output_never_raises_into_the_reader_thread(kernel_ip, monkeypatch, caplog):
+    class Broken(FakeStream):
+        def write(self, text: str) -> int:
+            raise ValueError("I/O operation on closed file")
+
+    fake = FakeClient()
+    magics.activate(fake, shell=kernel_ip)
+    monkeypatch.setattr(sys, "stdout", Broken())
+    fake.on_output(2, "stdout", "lost\n")  # logged, not raised
+    assert "live output of engine 2 could not be shown" in caplog.text
+
+
+def test_kernel_hooks_keep_the_users_own_handlers(kernel_ip):
+    mine = FakeClient()
+    mine.on_output = own_output = lambda *a: None
+    mine.on_progress = own_progress = lambda *a: None
+    magics.activate(mine, shell=kernel_ip)
+    assert mine.on_output is own_output and mine.on_progress is own_progress
+    plain = FakeClient()
+    magics.activate(plain, shell=kernel_ip)
+    assert isinstance(plain.on_progress, magics._CellProgress)
+
+
+def test_no_kernel_hooks_outside_a_kernel(ip):
+    fake = FakeClient()
+    magics.activate(fake, shell=ip)
+    assert fake.on_output is display.print_output and fake.on_progress is None
+
+
+def test_cell_progress_updates_one_display_per_call(kernel_ip, monkeypatch):
+    shown: List[Any] = []
+
+    class Handle:
+        def __init__(self, bundle: dict) -> None:
+            self.bundles = [bundle]
+            shown.append(self)
+
+        def update(self, bundle: dict, raw: bool = False) -> None:
+            self.bundles.append(bundle)
+
+    monkeypatch.setattr(magics, "display", lambda b, raw, display_id: Handle(b))
+    progress = magics._CellProgress(kernel_ip)
+    progress(0, 4, 2.0, False)
+    progress(3, 4, 2.5, False)
+    progress(4, 4, 2.7, True)
+    assert len(shown) == 1
+    texts = [b["text/plain"] for b in shown[0].bundles]
+    assert texts == ["[mpiengine] 0/4 engines done, 2 s", "[mpiengine] 3/4 engines done, 2 s",
+                     "[mpiengine] 4/4 engines done in 2.7 s"]
+    assert '<progress value="3" max="4">' in shown[0].bundles[1]["text/html"]
+    progress(1, 4, 2.5, False)  # a call cut short by Ctrl-C: no "finished" came
+    progress(1, 4, 2.0, False)  # the next call (same cell) starts a display of its own
+    assert len(shown) == 3
+    kernel_ip.execution_count += 1
+    progress(1, 4, 2.5, False)  # and so does a call in the next cell
+    assert len(shown) == 4
+    progress(4, 4, 2.6, True)
+    progress(4, 4, 0.1, True)  # finished before anything was shown: nothing to show
+    assert len(shown) == 4
+
+
+def test_unload_extension_closes_the_client_it_made(ip, monkeypatch, capsys):
+    made = FakeClient()
+    monkeypatch.setattr(magics, "_connect", lambda: made)
+    ip.user_ns.pop("mec", None)
+    magics.load_ipython_extension(ip)
+    assert ip.user_ns["mec"] is made
+    magics.unload_ipython_extension(ip)
+    assert made.closed and "mec" not in ip.user_ns
+    assert magics.magics_for(ip).client is None
+    other = FakeClient()
+    magics.activate(other, shell=ip)
+    magics.unload_ipython_extension(ip)  # a client you activated yourself stays yours
+    assert not other.closed and magics.magics_for(ip).client is other
