@@ -15,7 +15,7 @@ pytest.importorskip("IPython")
 from IPython.core.error import UsageError  # noqa: E402
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 
-from mpiengine import display, magics  # noqa: E402
+from mpiengine import display, magics, notebook  # noqa: E402
 from mpiengine.errors import CompositeError, ConnectError, ErrorRecord  # noqa: E402
 from mpiengine.results import PendingResult, ResultList  # noqa: E402
 
@@ -425,7 +425,7 @@ def test_kernel_output_goes_to_the_running_cell(kernel_ip, monkeypatch):
     fake = FakeClient()
     magics.activate(fake, shell=kernel_ip)
     handler = fake.on_output
-    assert isinstance(handler, magics._CellOutput)
+    assert isinstance(handler, notebook.CellOutput)
     out = FakeStream()
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setattr(kernel_ip, "parent_header", {"msg_id": "cell-2"})
@@ -483,7 +483,7 @@ def test_kernel_hooks_keep_the_users_own_handlers(kernel_ip):
     assert mine.on_output is own_output and mine.on_progress is own_progress
     plain = FakeClient()
     magics.activate(plain, shell=kernel_ip)
-    assert isinstance(plain.on_progress, magics._CellProgress)
+    assert isinstance(plain.on_progress, notebook.CellProgress)
 
 
 def test_no_kernel_hooks_outside_a_kernel(ip):
@@ -503,8 +503,8 @@ def test_cell_progress_updates_one_display_per_call(kernel_ip, monkeypatch):
         def update(self, bundle: dict, raw: bool = False) -> None:
             self.bundles.append(bundle)
 
-    monkeypatch.setattr(magics, "display", lambda b, raw, display_id: Handle(b))
-    progress = magics._CellProgress(kernel_ip)
+    monkeypatch.setattr(notebook, "display", lambda b, raw, display_id: Handle(b))
+    progress = notebook.CellProgress(kernel_ip)
     progress(0, 4, 2.0, False)
     progress(3, 4, 2.5, False)
     progress(4, 4, 2.7, True)
