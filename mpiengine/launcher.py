@@ -207,14 +207,14 @@ SBATCH_TEMPLATE = """#!/bin/bash
 #SBATCH --job-name=mpiengine-{profile}
 #SBATCH --ntasks={ranks}
 #SBATCH --time={time}
-#SBATCH --output={logdir}/slurm-%j.out
+#SBATCH --output={qlogdir}/slurm-%j.out
 {extra}
 # An mpiengine cluster: rank 0 is the controller, ranks 1..{n} are engines 0..{last}.
 # Connect from the login node with:  mpiengine wait --connection-file {path}
 #   then in Python:  client.MultiEngineClient({path!r})
 # Written by 'mpiengine sbatch'. The connection file must be on a filesystem that the
 # login node sees too (home directories usually are).
-{launch} {python} -m mpiengine serve --connection-file {path} --profile {profile} --ip '{ip}'
+{launch} {python} -m mpiengine serve --connection-file {qpath}{profile_arg} --ip {qip}
 """
 
 
@@ -224,12 +224,16 @@ def sbatch(n: int, path: str, profile: Optional[str], args: Any) -> int:
         raise LaunchError(f"-n counts engines and must be at least 1; got {n}")
     extra = "\n".join(f"#SBATCH --{k}={v}" for k, v in
                       (("partition", args.partition), ("account", args.account)) if v)
-    launch = "srun --mpi=pmi2" if args.launcher == "srun" else "mpiexec -n $SLURM_NTASKS"
+    if args.launcher == "srun":
+        launch = 'srun --mpi="${SRUN_MPI:-pmi2}"'
+    else:
+        launch = " ".join(shlex.quote(w) for w in find_mpiexec()) + ' -n "$SLURM_NTASKS"'
     logdir = os.path.join(connection.base_dir(), "log")
     script = SBATCH_TEMPLATE.format(
         profile=profile or "default", ranks=n + 1, n=n, last=n - 1, time=args.time,
-        logdir=logdir, extra=extra, path=path, launch=launch, python=sys.executable,
-        ip=args.ip)
+        qlogdir=shlex.quote(logdir), extra=extra, path=path, qpath=shlex.quote(path),
+        launch=launch, python=shlex.quote(sys.executable), qip=shlex.quote(args.ip),
+        profile_arg=f" --profile {shlex.quote(profile)}" if profile else "")
     if not args.submit:
         sys.stdout.write(script)
         return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import traceback
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import subprocess
 import tempfile
 import time
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from . import connection, fabric, tls
 from . import protocol as P
@@ -91,7 +92,18 @@ def _engine(world: fabric.World, opts: ServeOptions) -> int:
     return 0
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # scancel and mpiexec send SIGTERM: leave through the controller's finally block,
+    # which removes the connection file, instead of dying on the spot.
+    raise _Terminated()
+
+
+class _Terminated(SystemExit):
+    """The job is being ended from outside (SIGTERM)."""
+
+
 def _controller(world: fabric.World, opts: ServeOptions) -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     path = opts.connection_file
     _refuse_live_file(path)
     engines = [e for e in world.exchange_info({}) if e]
@@ -130,6 +142,10 @@ def _controller(world: fabric.World, opts: ServeOptions) -> int:
         ctl.on_tick = lambda: driver.poll() is not None and ctl.stop()
     try:
         ctl.run()
+    except _Terminated:
+        connection.remove(path, info)
+        # The engines are being ended too: MPI_Finalize would wait for them in vain.
+        os._exit(128 + signal.SIGTERM)
     finally:
         connection.remove(path, info)
     if driver is None:

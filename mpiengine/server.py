@@ -257,7 +257,7 @@ class Server:
     def _write(self, conn: Conn) -> None:
         try:
             done = conn.flush()
-        except OSError as e:
+        except (OSError, ProtocolError) as e:  # ProtocolError: a failed TLS handshake
             log.debug("%r write failed: %s", conn, e)
             self.close(conn)
             return

@@ -171,6 +171,14 @@ def _all_gone(pids: Dict[int, str]) -> bool:
 
 # -- the cluster ---------------------------------------------------------------
 
+def _shm_files() -> set:
+    """MPICH's shared-memory segments in /dev/shm (names start with mpich_shm_)."""
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("mpich_shm_")}
+    except OSError:
+        return set()
+
+
 class Cluster:
     """One ``mpiexec`` job of ``python -m mpiengine serve`` with N engines."""
 
@@ -208,6 +216,7 @@ class Cluster:
         except FileNotFoundError:
             pass
         self._log = open(self.log_file, "ab")
+        self._shm_before = _shm_files()
         self.proc = subprocess.Popen(
             self.command(n_engines, extra_args), stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
@@ -296,8 +305,23 @@ class Cluster:
         if not clean:
             print(f"[harness] {self.name} did not stop cleanly (exit code {code}); "
                   f"--- {self.log_file} (tail) ---\n{self.log_tail()}", file=sys.stderr)
+        self._remove_shm()
         self._close()
         return code
+
+    def _remove_shm(self) -> None:
+        """Delete the shared-memory files of this job that a killed rank left behind.
+
+        MPICH unlinks them on a clean exit; the crash tests kill ranks, and on a CI
+        machine /dev/shm is memory. Only files that appeared while this job ran go.
+        """
+        if not _all_gone(self._pids):
+            return
+        for name in _shm_files() - getattr(self, "_shm_before", set()):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass
 
     def _shutdown(self) -> None:
         mec = self.client()
