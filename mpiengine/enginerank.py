@@ -137,9 +137,10 @@ class EngineRank:
             progressed = False
             if header_open and fabric.test([req]):
                 meta = json.loads(world.finish_header(buf, backoff))
-                # Only a command for this engine is worth staying awake for; one for
-                # others needed nothing but forwarding its header.
-                progressed = me in meta["targets"]
+                # Any header counts as progress: the controller rings doorbells only
+                # after a quiet spell, so an engine that slept through a burst of
+                # commands for others would stall the tree of the next header.
+                progressed = True
                 if self._on_header(meta, me, incoming):
                     header_open = False
                 else:
