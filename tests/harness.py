@@ -406,3 +406,54 @@ def _stop_all() -> None:
             c.stop(shutdown=False)
         except Exception:
             pass
+
+
+# -- processes of a cluster that a test launched itself ------------------------
+
+def _start_time(pid: int) -> Optional[str]:
+    """Return the start time of a live (non-zombie) process, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = data[data.rfind(")") + 2:].split()
+    return None if not fields or fields[0] == "Z" else fields[19]
+
+
+class Watched:
+    """The processes of one cluster; a pid is signalled only while it is the same process."""
+
+    def __init__(self) -> None:
+        self.pids: Dict[int, str] = {}
+
+    def add_tree(self, pid: int) -> None:
+        start = _start_time(pid)
+        if start is not None:
+            self.pids[pid] = start
+            self.pids.update(descendants(pid))
+
+    def add_sidecar(self, connection_file: str) -> Optional[int]:
+        """Remember the mpiexec of ``connection_file`` (from its sidecar) and its tree."""
+        try:
+            with open(connection_file + ".mpiexec") as f:
+                pid = int(json.load(f)["pid"])
+        except (OSError, ValueError, KeyError):
+            return None
+        self.add_tree(pid)
+        return pid
+
+    def alive(self) -> List[int]:
+        return [p for p, s in self.pids.items() if _start_time(p) == s]
+
+    def kill(self) -> None:
+        signal_pids(self.pids, signal.SIGKILL)
+
+    def assert_gone(self, timeout: float, what: str) -> None:
+        try:
+            poll_for(lambda: not self.alive(), timeout, what=what)
+        except TimeoutError:
+            left = self.alive()
+            self.kill()
+            raise AssertionError(f"{what}: processes {left} still running after {timeout:g} s "
+                        f"(now killed by pid)")

@@ -21,8 +21,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-import harness
-from harness import REPO_ROOT, find_mpiexec, mpi_env, poll_for
+from harness import REPO_ROOT, Watched, find_mpiexec, mpi_env, poll_for
 
 pytestmark = pytest.mark.mpi
 
@@ -32,57 +31,6 @@ BUG_REFUSAL_LOST = (
     "bug: runtime.serve() handles the SystemExit of _refuse_live_file() like a crash: "
     "traceback.print_exc() then MPI_Abort at once, and Hydra sometimes drops the rank's "
     "stderr still in flight, so the refusal message naming the file never reaches the user")
-
-
-# -- processes, remembered with their start times -----------------------------------
-
-def _start_time(pid: int) -> Optional[str]:
-    """Return the start time of a live (non-zombie) process, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    fields = data[data.rfind(")") + 2:].split()
-    return None if not fields or fields[0] == "Z" else fields[19]
-
-
-class Watched:
-    """The processes of one cluster; a pid is signalled only while it is the same process."""
-
-    def __init__(self) -> None:
-        self.pids: Dict[int, str] = {}
-
-    def add_tree(self, pid: int) -> None:
-        start = _start_time(pid)
-        if start is not None:
-            self.pids[pid] = start
-            self.pids.update(harness.descendants(pid))
-
-    def add_sidecar(self, connection_file: str) -> Optional[int]:
-        """Remember the mpiexec of ``connection_file`` (from its sidecar) and its tree."""
-        try:
-            with open(connection_file + ".mpiexec") as f:
-                pid = int(json.load(f)["pid"])
-        except (OSError, ValueError, KeyError):
-            return None
-        self.add_tree(pid)
-        return pid
-
-    def alive(self) -> List[int]:
-        return [p for p, s in self.pids.items() if _start_time(p) == s]
-
-    def kill(self) -> None:
-        harness.signal_pids(self.pids, signal.SIGKILL)
-
-    def assert_gone(self, timeout: float, what: str) -> None:
-        try:
-            poll_for(lambda: not self.alive(), timeout, what=what)
-        except TimeoutError:
-            left = self.alive()
-            self.kill()
-            pytest.fail(f"{what}: processes {left} still running after {timeout:g} s "
-                        f"(now killed by pid)")
 
 
 # -- helpers ----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -21,43 +20,12 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 
-import harness
-from harness import REPO_ROOT, mpi_env, poll_for
+from harness import REPO_ROOT, Watched, mpi_env, poll_for
 
 pytestmark = pytest.mark.mpi
 
 EXAMPLES = REPO_ROOT / "examples"
 SCRIPT_TIMEOUT = 120.0
-
-
-def _start_time(pid: int) -> Optional[str]:
-    """Return the start time of a live (non-zombie) process, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    fields = data[data.rfind(")") + 2:].split()
-    return None if not fields or fields[0] == "Z" else fields[19]
-
-
-class Watched:
-    """Processes remembered with their start times, so a reused pid is never signalled."""
-
-    def __init__(self) -> None:
-        self.pids: Dict[int, str] = {}
-
-    def add_tree(self, pid: int) -> None:
-        start = _start_time(pid)
-        if start is not None:
-            self.pids[pid] = start
-            self.pids.update(harness.descendants(pid))
-
-    def alive(self) -> List[int]:
-        return [p for p, s in self.pids.items() if _start_time(p) == s]
-
-    def kill(self) -> None:
-        harness.signal_pids(self.pids, signal.SIGKILL)
 
 
 def run_example(name: str, env: Dict[str, str], log: Path, args: List[str] = (),
