@@ -236,7 +236,7 @@ class World:
         msg.Recv([buf, MPI.BYTE])
         return status.Get_source() - 1, bytes(buf)
 
-    def send_reply(self, up: Any, meta: Any, data: Any) -> Requests:
+    def send_reply(self, up: Any, meta: Any, data: Any) -> Tuple[Requests, List[Any]]:
         m, d = memoryview(meta), memoryview(data)
         sizes = bytearray(_SIZES.pack(m.nbytes, d.nbytes))
         return [up.Igather([sizes, MPI.BYTE], None, root=0),

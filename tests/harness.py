@@ -412,13 +412,19 @@ def _stop_all() -> None:
 
 def _start_time(pid: int) -> Optional[str]:
     """Return the start time of a live (non-zombie) process, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    fields = data[data.rfind(")") + 2:].split()
-    return None if not fields or fields[0] == "Z" else fields[19]
+    stat = _stat(pid)
+    return stat[1] if stat else None
+
+
+def tell(config: Any, tag: str, text: str) -> None:
+    """Print past pytest's capture (set-up timings belong in the CI log)."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is None:
+        sys.stdout.write(f"\n[{tag}] {text}\n")
+        return
+    with capman.global_and_fixture_disabled():
+        sys.stdout.write(f"\n[{tag}] {text}\n")
+        sys.stdout.flush()
 
 
 class Watched:

@@ -114,14 +114,7 @@ class Hosts:
 
 
 def _tell(config: pytest.Config, text: str) -> None:
-    """Print past pytest's capture (set-up timings belong in the CI log)."""
-    capman = config.pluginmanager.getplugin("capturemanager")
-    if capman is None:
-        sys.stdout.write(f"\n[multihost] {text}\n")
-        return
-    with capman.global_and_fixture_disabled():
-        sys.stdout.write(f"\n[multihost] {text}\n")
-        sys.stdout.flush()
+    harness.tell(config, "multihost", text)
 
 
 @pytest.fixture(scope="module")

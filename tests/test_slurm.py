@@ -225,14 +225,7 @@ def wait_for_cluster(slurm: Slurm, job: str, cf: Path, name: str,
 
 
 def _tell(config: pytest.Config, text: str) -> None:
-    """Print past pytest's capture (set-up timings belong in the CI log)."""
-    capman = config.pluginmanager.getplugin("capturemanager")
-    if capman is None:
-        sys.stdout.write(f"\n[slurm] {text}\n")
-        return
-    with capman.global_and_fixture_disabled():
-        sys.stdout.write(f"\n[slurm] {text}\n")
-        sys.stdout.flush()
+    harness.tell(config, "slurm", text)
 
 
 @pytest.fixture(scope="module")
