@@ -17,12 +17,12 @@ Importing this package imports neither mpi4py nor IPython: that is left to
 from __future__ import annotations
 
 from .errors import (AuthenticationError, ClusterLost, CommandTimeout, CompositeError,
-                     ConnectError, MPIEngineError, RemoteError)
+                     ConnectError, MPIEngineError, RemoteError, ReplyTooLarge)
 
 __version__ = "0.1.0"
 
 __all__ = ["CompositeError", "RemoteError", "ConnectError", "AuthenticationError",
-           "ClusterLost", "CommandTimeout", "MPIEngineError", "__version__"]
+           "ClusterLost", "CommandTimeout", "ReplyTooLarge", "MPIEngineError", "__version__"]
 
 
 def load_ipython_extension(ip):  # noqa: ANN001 - IPython's hook signature

@@ -8,6 +8,7 @@ escape: they become :class:`ConnectError` while connecting and
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import select
 import socket
@@ -42,6 +43,7 @@ class Channel:
     def __init__(self, info: ConnectionInfo, path: str, timeout: float = 10.0,
                  max_message: int = P.DEFAULT_MAX_MESSAGE) -> None:
         self.where = f"{info.ip}:{info.port} (from {path})"
+        self.path = path
         self.limit = int(info.max_message)
         try:
             sock = socket.create_connection((info.ip, info.port), timeout=timeout)
@@ -158,7 +160,20 @@ class Channel:
                     self._replies[req] = frame
                     self._cond.notify_all()
         except BaseException as e:  # noqa: B902 - every way out must wake the waiters
-            self._fail(e)
+            self._fail(self._lost_note() or e)
+
+    def _lost_note(self) -> Optional[ClusterLost]:
+        """The controller's note on a dead engine, when its LOST event did not arrive
+        (the launcher can end it in between). Only read where the file is shared."""
+        if self.closed or self.broken is not None or not self.path:
+            return None
+        for _ in range(3):
+            try:
+                with open(self.path + ".lost") as f:
+                    return ClusterLost(str(json.load(f)["message"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                time.sleep(0.1)
+        return None
 
     def _recv_into(self, view: memoryview) -> Optional[int]:
         if not self.tls:

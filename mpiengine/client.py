@@ -49,16 +49,23 @@ class MultiEngineClient:
     default profile's file is used. ``timeout`` bounds connecting, in seconds;
     ``wait`` keeps trying that many seconds for a cluster that is still starting
     (a batch job in the queue). ``sshserver`` reaches the controller through an
-    SSH tunnel via that host.
+    SSH tunnel via that host. ``max_reply`` caps the size of one result this
+    client takes, in bytes: a larger one raises :class:`ReplyTooLarge` and stays
+    at the controller (default: no cap below the cluster's message limit).
     """
 
     def __init__(self, path: Optional[str] = None, profile: Optional[str] = None,
                  timeout: float = 10.0, wait: Optional[float] = None,
-                 sshserver: Optional[str] = None) -> None:
+                 sshserver: Optional[str] = None, max_reply: Optional[int] = None) -> None:
+        if max_reply is not None and (type(max_reply) is not int or max_reply < 0):
+            raise ValueError(f"max_reply must be a number of bytes (an int >= 0); "
+                             f"got {max_reply!r}")
         self.path = connection.resolve_path(path, profile)
         self._tunnel = None
+        self._max_reply = max_reply
         self._chan = self._connect(timeout, wait, sshserver)
-        meta = self._control(P.INFO, {}, timeout=timeout)
+        info = {} if max_reply is None else {"max_reply": max_reply}
+        meta = self._control(P.INFO, info, timeout=timeout)
         self.engines: List[dict] = meta["engines"]
         self._ids = list(range(int(meta["n_engines"])))
         self._token = secrets.token_hex(6)
@@ -88,8 +95,8 @@ class MultiEngineClient:
                     self._tunnel = Tunnel(sshserver, self.info.ip, self.info.port)
                     local = connection.ConnectionInfo(**dict(
                         vars(self.info), ip="127.0.0.1", port=self._tunnel.local_port))
-                    return Channel(local, self.path, timeout=timeout)
-                return Channel(self.info, self.path, timeout=timeout)
+                    return Channel(local, self.path, timeout, self._frame_limit())
+                return Channel(self.info, self.path, timeout, self._frame_limit())
             except AuthenticationError:
                 raise
             except ConnectError:
@@ -99,6 +106,13 @@ class MultiEngineClient:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.5)
+
+    def _frame_limit(self) -> int:
+        # Results over max_reply never come (the controller refuses them); the
+        # parser's limit allows for a frame's header besides.
+        if self._max_reply is None:
+            return P.DEFAULT_MAX_MESSAGE
+        return self._max_reply + 2**20
 
     def __repr__(self) -> str:
         return (f"<MultiEngineClient {len(self._ids)} engines at "

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Tuple
 
 from . import partition, payload
 from . import protocol as P
-from .errors import CompositeError, ErrorRecord, NoSuchResult
+from .errors import CompositeError, ErrorRecord, NoSuchResult, ReplyTooLarge
 from .results import ResultList
 
 def _nones(values: List[Any]) -> List[None]:
@@ -65,6 +65,8 @@ def _raise_refusal(frame: P.Frame) -> None:
     if frame.kind != P.ERROR:
         return
     ename, evalue = frame.meta.get("ename", "RuntimeError"), frame.meta.get("evalue", "")
+    if ename == "ReplyTooLarge":
+        raise ReplyTooLarge(evalue, frame.meta.get("result_id"))
     cls = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": NoSuchResult}.get(ename)
     if cls is not None:
         raise cls(evalue)

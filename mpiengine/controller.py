@@ -21,13 +21,14 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import fabric
 from . import protocol as P
-from .doorbell import BellTower
+from .doorbell import BellTower, last_words
 from .server import Conn, Server
 
 log = logging.getLogger(__name__)
@@ -264,6 +265,17 @@ class Controller:
             self.stored[cmd.result_id] = result
 
     def _deliver(self, conn: Conn, req: Any, result: Stored) -> None:
+        size = sum(memoryview(p).nbytes for p in result.parts)
+        if conn.max_reply is not None and size > conn.max_reply:
+            rid = result.meta["result_id"]
+            self.stored[rid] = result  # nothing is lost: a client that takes it may fetch it
+            self.server.send(conn, P.ERROR, {
+                "req": req, "ename": "ReplyTooLarge", "result_id": rid,
+                "evalue": f"the result {rid!r} is {size:,} bytes; this client takes at most "
+                          f"{conn.max_reply:,} (MultiEngineClient(max_reply=...)). It stays "
+                          f"at the controller: fetch it with get_pending({rid!r}) from a "
+                          f"client that takes more"})
+            return
         self.server.send(conn, result.kind, dict(result.meta, req=req), result.parts)
 
     def _on_close(self, conn: Conn) -> None:
@@ -276,6 +288,12 @@ class Controller:
         self.server.send(conn, P.RESULT, dict(meta, req=frame.meta.get("req")))
 
     def _info(self, conn: Conn, frame: P.Frame) -> None:
+        max_reply = frame.meta.get("max_reply")
+        if max_reply is not None:
+            if type(max_reply) is not int or max_reply < 0:
+                raise ValueError(f"max_reply must be a byte count (an int >= 0); "
+                                 f"got {max_reply!r}")
+            conn.max_reply = max_reply
         self._reply(conn, frame, engines=self.engines, n_engines=self.n)
 
     def _queue_status(self, conn: Conn, frame: P.Frame) -> None:
@@ -394,27 +412,42 @@ class Controller:
                              {"req": pending["req"], "stacks": pending["stacks"],
                               "busy": pending["busy"]})
 
-    def _engine_lost(self, engine_id: int) -> None:
-        """An engine's process is gone: tell every client, leave a note, end the job."""
+    def _engine_lost(self, engine_id: int, words: str) -> None:
+        """An engine is ending or gone: tell every client, leave a note, end the job.
+
+        The launcher ends every rank (this one too) soon after one dies: the note
+        (for ``mpiengine status``, and for clients whose LOST event is cut off)
+        takes a fraction of a millisecond, so it goes first."""
         if self.stopping or self.lost:
             return  # engines exit at shutdown: not a loss; and report a loss once
         self.lost = True
         e = next((x for x in self.engines if x.get("id") == engine_id), {"id": engine_id})
-        text = (f"engine {engine_id} (pid {e.get('pid', '?')} on {e.get('host', '?')}) died; "
-                f"MPI ends the whole job, so the cluster is gone")
-        log.error(text)
+        text = (f"engine {engine_id} (pid {e.get('pid', '?')} on {e.get('host', '?')}) died: "
+                f"{last_words(words)}; MPI ends the whole job, so the cluster is gone")
         if self.lost_note:
-            try:
-                with open(self.lost_note, "w") as f:
-                    json.dump({"engine": engine_id, "message": text, "time": time.time()}, f)
-            except OSError:
-                pass
+            _write_note(self.lost_note, {"engine": engine_id, "message": text,
+                                         "time": time.time()})
         self.server.broadcast(P.LOST, {"engine": engine_id, "message": text})
+        log.error(text)
+        if self.bells is not None and words.startswith("Fatal Python error"):
+            report = words + self.bells.read_rest(engine_id, 0.2)
+            log.error("engine %d's crash report:\n%s", engine_id, report.rstrip())
         self.server.drain(0.5)
         self.world.abort(5)
 
     def _close(self, conn: Conn, frame: P.Frame) -> None:
         self.server.close(conn)
+
+
+def _write_note(path: str, note: dict) -> None:
+    """Write ``note`` as JSON to ``path`` whole or not at all (a kill can come any time)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(note, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _describe(op: int, meta: dict) -> str:

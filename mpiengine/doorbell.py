@@ -14,9 +14,15 @@ never starts before the controller's last command. Rings are cheap and
 harmless when an engine is awake. Connections authenticate with a per-job
 token sent over MPI; an engine that cannot connect keeps polling (slower
 wake-ups and more idle CPU, but correct).
+
+The doorbell also carries an engine's last words. Engines never write to it
+otherwise, so any bytes the controller reads from one say why that engine is
+ending: a fatal signal's report (``faulthandler`` writes it there) or
+:meth:`Bell.last_words`. Its end of file says the process is gone.
 """
 from __future__ import annotations
 
+import faulthandler
 import hmac
 import logging
 import os
@@ -59,6 +65,9 @@ class Bell:
                 continue
             self.sock = sock
             self._poll.register(sock, select.POLLIN)
+            # A segfault in user code (or a C extension) is reported before the
+            # process dies: MPI launchers end the whole job right after.
+            faulthandler.enable(file=sock.fileno(), all_threads=False)
             return True
         log.warning("engine %d: no doorbell (tried %s:%d); polling instead",
                     engine_id, addresses, port)
@@ -87,6 +96,28 @@ class Bell:
             return self._drain() or bool(events)
         return False
 
+    def last_words(self, text: str, wait: float = 2.0) -> None:
+        """Tell the controller why this process is about to end, then give it up to
+        ``wait`` seconds to tell the clients (it ends the job when it has)."""
+        sock = self.sock
+        data = text.encode("utf-8", "replace")
+        deadline = time.monotonic() + wait
+        try:
+            while sock is not None and time.monotonic() < deadline:
+                if data:
+                    try:
+                        data = data[sock.send(data):]
+                    except BlockingIOError:
+                        select.select([], [sock], [], 0.05)
+                elif select.select([sock], [], [], 0.05)[0]:
+                    try:
+                        if not sock.recv(4096):
+                            return  # the end of file: the controller has done its part
+                    except BlockingIOError:
+                        pass  # the listener thread took the rings
+        except (OSError, ValueError):
+            pass  # closed under us: the controller is gone already
+
     @property
     def connected(self) -> bool:
         return self.sock is not None
@@ -105,6 +136,7 @@ class Bell:
 
     def _drop(self) -> None:
         if self.sock is not None:
+            faulthandler.disable()
             try:
                 self._poll.unregister(self.sock)
             except (KeyError, ValueError):
@@ -181,23 +213,60 @@ class BellTower:
                     del self.bells[engine_id]
         self.last_command = now
 
-    def watch(self, server: Any, on_lost: Callable[[int], None]) -> None:
-        """Have ``server`` report an engine whose doorbell closed: its process died."""
+    def watch(self, server: Any, on_lost: Callable[[int, str], None]) -> None:
+        """Have ``server`` report an engine that is ending or gone, with the reason."""
         for engine_id, sock in self.bells.items():
             server.watch(sock, lambda i=engine_id, s=sock: self._check(i, s, on_lost))
 
     @staticmethod
-    def _check(engine_id: int, sock: socket.socket, on_lost: Callable[[int], None]) -> None:
+    def _check(engine_id: int, sock: socket.socket,
+               on_lost: Callable[[int, str], None]) -> None:
         try:
-            data = sock.recv(4096)
+            data = sock.recv(65536)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        if not data:
-            on_lost(engine_id)
+        # Act on the first bytes: the launcher is about to end this process too. (A
+        # crash report comes in many small writes; its first line names the signal.)
+        on_lost(engine_id, data.decode("utf-8", "replace"))
+
+    def read_rest(self, engine_id: int, timeout: float) -> str:
+        """What else engine ``engine_id`` wrote before it ended (its full crash report)."""
+        sock, data = self.bells.get(engine_id), b""
+        deadline = time.monotonic() + timeout
+        while sock is not None and time.monotonic() < deadline:
+            if select.select([sock], [], [], 0.01)[0]:
+                try:
+                    more = sock.recv(65536)
+                except OSError:
+                    more = b""
+                if not more:
+                    break
+                data += more
+        return data.decode("utf-8", "replace")
 
     def close(self) -> None:
         for sock in self.bells.values():
             sock.close()
         self.bells.clear()
+
+
+def last_words(text: str) -> str:
+    """Why an engine ended, in one line, from what it wrote on its doorbell."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return "its process ended (killed, or out of memory?)"
+    if not lines[0].startswith("Fatal Python error:"):
+        return lines[0]
+    # faulthandler: the error, then the crashing thread's stack, innermost call first
+    # ("Stack" or, when it dumps every thread, "Current thread" after the others).
+    reason = lines[0][len("Fatal Python error:"):].strip()
+    stack = next((i for i, ln in enumerate(lines)
+                  if ln.startswith(("Stack (", "Current thread"))), None)
+    complete = text.endswith("\n") and lines
+    where = None if stack is None else next(
+        (ln for ln in lines[stack + 1:stack + 2]
+         if ln.startswith("File ") and " in " in ln.rsplit('"', 1)[-1]
+         and (ln != lines[-1] or complete)), None)
+    return f"it crashed ({reason}{', ' + where if where else ''})"

@@ -74,6 +74,19 @@ class ClusterLost(MPIEngineError, ConnectionError):
     """
 
 
+class ReplyTooLarge(MPIEngineError, ValueError):
+    """Raised when a result is larger than this client takes (``max_reply=``).
+
+    The result stays at the controller: a client with a larger limit can fetch
+    it by id (``.result_id``) with
+    :meth:`~mpiengine.client.MultiEngineClient.get_pending`.
+    """
+
+    def __init__(self, message: str, result_id: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.result_id = result_id
+
+
 class CommandTimeout(MPIEngineError, TimeoutError):
     """Raised when a blocking call did not finish within its ``timeout=``.
 

@@ -85,11 +85,26 @@ def _engine(world: fabric.World, opts: ServeOptions) -> int:
     if engine.host == tower["host"]:
         addresses = ["127.0.0.1"] + addresses
     bell.connect(addresses, tower["port"], tower["token"], engine.id)
+    _report_exits(bell)
     try:
         EngineRank(world, engine, bell, idle_cap=opts.idle_cap).run()
     finally:
         bell.close()
     return 0
+
+
+def _report_exits(bell: Bell) -> None:
+    """Have ``os._exit`` in user code tell the controller before this engine ends.
+
+    A forked child that calls it (multiprocessing does) just exits."""
+    real_exit, me = os._exit, os.getpid()
+
+    def _exit(status: int) -> None:
+        if os.getpid() == me:
+            bell.last_words(f"it called os._exit({status})")
+        real_exit(status)
+
+    os._exit = _exit
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

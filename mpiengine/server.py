@@ -37,6 +37,7 @@ class Conn:
         self.addr = addr
         self.key = key
         self.max_message = max_message
+        self.max_reply: Optional[int] = None  # the client's own limit, if it gave one
         self.opened = time.monotonic()
         hello, self.nonce = P.server_hello()
         self.out: Deque[memoryview] = collections.deque([memoryview(hello)])
@@ -162,6 +163,7 @@ class Server:
         self.sel.register(self.listener, selectors.EVENT_READ, None)
         self.conns: Dict[int, Conn] = {}
         self._last_sweep = time.monotonic()
+        self._last_refusal_log, self._n_refused = -1e9, 0
 
     def poll(self, timeout: Optional[float]) -> bool:
         """Serve socket events for up to ``timeout`` seconds; return True if any happened."""
@@ -188,6 +190,16 @@ class Server:
             self._sweep(now)
         return bool(events)
 
+    def _refused(self, conn: Conn, e: Exception) -> None:
+        """Log a refused connection: one line per 10 s at most, with the count refused."""
+        self._n_refused += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 10.0:
+            more = self._n_refused - 1
+            log.warning("%r refused: %s%s", conn, e,
+                        f" ({more} more refused since the last such line)" if more else "")
+            self._last_refusal_log, self._n_refused = now, 0
+
     def _accept(self) -> None:
         for _ in range(64):
             try:
@@ -210,12 +222,12 @@ class Server:
     def _read(self, conn: Conn) -> None:
         try:
             frames = conn.read()
-        except (EOFError, ConnectionError) as e:
-            log.debug("%r closed: %s", conn, e)
+        except (ProtocolError, AuthenticationError) as e:  # before ConnectionError: a subclass
+            self._refused(conn, e)
             self.close(conn)
             return
-        except (ProtocolError, AuthenticationError) as e:
-            log.warning("%r refused: %s", conn, e)
+        except (EOFError, ConnectionError) as e:
+            log.debug("%r closed: %s", conn, e)
             self.close(conn)
             return
         except OSError as e:

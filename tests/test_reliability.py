@@ -34,7 +34,7 @@ import pytest
 
 import harness
 from harness import REPO_ROOT, poll_for
-from mpiengine.errors import ClusterLost, CompositeError
+from mpiengine.errors import ClusterLost, CompositeError, ReplyTooLarge
 from proxy import C2S, RecordingProxy, via_proxy
 
 pytestmark = pytest.mark.mpi
@@ -87,6 +87,9 @@ DEATHS = {
     "abort": "from mpi4py import MPI; MPI.COMM_WORLD.Abort(3)",
 }
 CALLS = ["execute", "pull", "gather", "pending.r"]
+#: What the client's message says of each death, when it names the engine.
+REASONS = {"os._exit": "it called os._exit(1)", "sigkill": "its process ended",
+           "segfault": "it crashed (Segmentation fault", "abort": "MPI_Abort"}
 DIAGONAL = {("os._exit", "execute"), ("sigkill", "pull"), ("segfault", "gather"),
             ("abort", "pending.r")}
 MATRIX = os.environ.get("MPIENGINE_CRASH_MATRIX", "") not in ("", "0")
@@ -159,12 +162,13 @@ def _check_aftermath(c: harness.Cluster, mec: Any, pids: Dict[int, str]) -> None
 def test_engine_death_raises_cluster_lost(fresh_cluster, death, call):
     """ClusterLost within 10 s; no process left; status tells that (and why) it ended.
 
-    The engine is named when the controller gets its LOST event out before MPICH's
-    Hydra, which SIGKILLs every rank as soon as one dies abnormally, reaches it. That
-    is a race the controller loses now and then on a busy machine (the client then sees
-    only "lost the connection"): such a run is reported as XFAIL. The naming itself is
-    checked without the race by test_dead_engine_is_named_when_the_launcher_waits.
-    MPI_Abort ends every rank at once: no name is expected there.
+    An engine that calls os._exit or crashes on a signal says so on its doorbell
+    before it dies, so the controller names it (and why) every time. A SIGKILL
+    gives no warning: the engine is named when the controller's LOST event gets
+    out before MPICH's Hydra, which SIGKILLs every rank as soon as one dies, reaches
+    the controller, a race it loses now and then on a busy machine; such a run is
+    reported as XFAIL. test_dead_engine_is_named_when_the_launcher_waits checks
+    that naming without the race. MPI_Abort ends every rank at once: no name.
     """
     if (death, call) not in DIAGONAL and not MATRIX:
         pytest.skip("off the diagonal: MPIENGINE_CRASH_MATRIX=1 runs every pair")
@@ -178,12 +182,14 @@ def test_engine_death_raises_cluster_lost(fresh_cluster, death, call):
     named = bool(NAMED.search(message))
     if named:
         _check_named(c, mec, message)
+        assert REASONS[death] in message, message
     else:
+        assert death in ("sigkill", "abort"), f"{death} must name the engine: {message}"
         assert "lost the connection to the controller" in message, message
     _check_aftermath(c, mec, pids)
-    if death != "abort" and not named:
-        pytest.xfail("bug (a race): the dead engine was not named; Hydra SIGKILLed the "
-                     f"controller before its LOST event went out. The client saw: {message}")
+    if death == "sigkill" and not named:
+        pytest.xfail("a race: Hydra SIGKILLed the controller before its LOST event and "
+                     f"note were out (no warning from a SIGKILLed engine): {message}")
 
 
 class _PatientCluster(harness.Cluster):
@@ -208,10 +214,7 @@ def _hydra() -> bool:
 @pytest.mark.timeout(90)
 def test_dead_engine_is_named_when_the_launcher_waits(tmp_path, death, call):
     """The doorbell path without the race: with Hydra's -disable-auto-cleanup only the
-    controller ends the job, after it has told the client which engine died.
-
-    (Not for a segfault: Hydra then still SIGKILLs the controller now and then before
-    its LOST event is out, even with -disable-auto-cleanup.)"""
+    controller ends the job, after it has told the client which engine died."""
     reason = harness.mpi_skip_reason()
     if reason or not _hydra():
         pytest.skip(reason or "needs MPICH's Hydra mpiexec (-disable-auto-cleanup)")
@@ -480,22 +483,25 @@ def test_del_comm_is_clear_and_reset_restores_it(mec):
 
 @pytest.mark.timeout(60)
 def test_result_larger_than_the_client_accepts(cluster, mec):
-    """The client's own size limit refuses a large reply; the cluster is untouched.
-
-    ``MultiEngineClient`` has no public setting for it (``Channel(max_message=...)``
-    defaults to 16 GiB), so the test lowers the limit of one client's frame
-    parser: that client is lost (ClusterLost naming the limit), and the engine and
-    every other client go on.
-    """
+    """A result over a client's max_reply is a clear error; the result is kept for a
+    client that takes it; that client, the engine and every other client go on."""
     mec.execute("blob = b'x' * 3_000_000", targets=0)
-    small = cluster.client()
-    small._chan.parser.max_message = 1_000_000
+    with pytest.raises(ValueError, match="max_reply must be a number of bytes"):
+        cluster.client(max_reply=-1)
+    small = cluster.client(max_reply=1_000_000)
     try:
-        with pytest.raises(ClusterLost) as info:
+        with pytest.raises(ReplyTooLarge) as info:
             small.pull("blob", targets=0, timeout=30)
-        assert "exceeds the limit of 1000000" in str(info.value)
+        message = str(info.value)
+        assert "takes at most 1,000,000" in message and "get_pending(" in message, message
+        rid = info.value.result_id
+        assert rid and repr(rid) in message
+        assert small.execute("print(7)", targets=1, timeout=30)[0]["stdout"] == "7\n"
+        with pytest.raises(ReplyTooLarge):  # asking again: still too large, still kept
+            small.get_pending(rid).get_result(timeout=30)
     finally:
         small.close()
+    assert mec.get_pending(rid).get_result(timeout=30) == [b"x" * 3_000_000]
     assert mec.execute("print(len(blob))", targets=0)[0]["stdout"] == "3000000\n"
     assert_engine_works(mec, 0)
 

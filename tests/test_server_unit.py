@@ -248,6 +248,21 @@ def test_wrong_key_is_closed_and_nothing_is_delivered(srv, clients):
     good.request(1)
 
 
+def test_wrong_key_is_logged_as_a_warning_once_per_burst(srv, clients, caplog):
+    """An admin sees who knocked with a wrong key (not the key), without a log flood."""
+    caplog.set_level("WARNING", logger=S.__name__)
+    for _ in range(5):
+        c = clients(srv.address, key=bytes.fromhex("22" * 32), authenticate=False)
+        auth, _, _ = P.client_auth(c.key, recv_exact(c.sock, P.HELLO_SIZE))
+        c.sock.sendall(auth)
+        assert is_closed_by_peer(c.sock)
+    poll_for(lambda: len(srv.closed) >= 5)
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "127.0.0.1" in lines[0] and "did not prove knowledge of the key" in lines[0]
+    assert "22" * 8 not in lines[0] and "11" * 8 not in lines[0]
+
+
 def test_wrong_key_then_frames_are_never_delivered(srv, clients):
     c = clients(srv.address, key=bytes.fromhex("22" * 32), authenticate=False)
     hello = recv_exact(c.sock, P.HELLO_SIZE)

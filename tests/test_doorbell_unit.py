@@ -1,0 +1,148 @@
+"""Doorbells alone: a BellTower and Bells on 127.0.0.1, no MPI.
+
+The engines' last words travel on the doorbell: what an engine writes there
+(or a fatal signal's report, written by faulthandler) is what the controller
+tells the clients about why that engine ended.
+"""
+from __future__ import annotations
+
+import select
+import subprocess
+import sys
+import threading
+import time
+from typing import List, Tuple
+
+import pytest
+
+from harness import REPO_ROOT
+from mpiengine import doorbell
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeServer:
+    """What BellTower.watch needs of the controller's server: remember callbacks."""
+
+    def __init__(self) -> None:
+        self.watched: List[Tuple[object, object]] = []
+
+    def watch(self, sock, callback) -> None:
+        self.watched.append((sock, callback))
+
+
+def _tower_with(n: int, connect) -> Tuple[doorbell.BellTower, List[Tuple[int, str]], FakeServer]:
+    tower = doorbell.BellTower(local_only=True)
+    thread = threading.Thread(target=connect, args=(tower,))
+    thread.start()
+    tower.accept(n, timeout=10)
+    thread.join(10)
+    heard: List[Tuple[int, str]] = []
+    server = FakeServer()
+    tower.watch(server, lambda i, why: heard.append((i, why)))
+    return tower, heard, server
+
+
+def _listen(server: FakeServer, heard: list, timeout: float = 10.0) -> None:
+    """Call the watch callbacks, as the controller's selector would, until one reports."""
+    deadline = time.monotonic() + timeout
+    while not heard and time.monotonic() < deadline:
+        ready, _, _ = select.select([s for s, _ in server.watched], [], [], 0.1)
+        for sock, callback in server.watched:
+            if sock in ready:
+                callback()
+
+
+def test_last_words_name_the_reason():
+    bells = []
+
+    def connect(tower):
+        bell = doorbell.Bell()
+        assert bell.connect(["127.0.0.1"], tower.port, tower.token, 3)
+        bells.append(bell)
+
+    tower, heard, server = _tower_with(1, connect)
+    try:
+        t0 = time.monotonic()
+        speaker = threading.Thread(target=bells[0].last_words, args=("it called os._exit(7)", 5))
+        speaker.start()
+        _listen(server, heard)
+        assert heard == [(3, "it called os._exit(7)")]
+        tower.close()  # the controller is done: the engine stops waiting at once
+        speaker.join(5)
+        assert not speaker.is_alive() and time.monotonic() - t0 < 4
+    finally:
+        tower.close()
+        bells[0].close()
+
+
+def test_a_ring_is_not_taken_for_last_words():
+    bells = []
+
+    def connect(tower):
+        bell = doorbell.Bell()
+        bell.connect(["127.0.0.1"], tower.port, tower.token, 0)
+        bells.append(bell)
+
+    tower, heard, server = _tower_with(1, connect)
+    try:
+        tower.last_command = 0.0
+        tower.before_command()  # rings
+        assert bells[0].sleep(2.0) is True
+        _listen(server, heard, timeout=0.3)
+        assert heard == []
+    finally:
+        tower.close()
+        bells[0].close()
+
+
+_CRASH = r"""
+import ctypes, sys
+from mpiengine import doorbell
+bell = doorbell.Bell()
+assert bell.connect(["127.0.0.1"], int(sys.argv[1]), bytes.fromhex(sys.argv[2]), 2)
+def user_code():
+    ctypes.string_at(0)
+user_code()
+"""
+
+
+def test_a_segfault_is_reported_with_where_it_happened():
+    tower = doorbell.BellTower(local_only=True)
+    proc = subprocess.Popen([sys.executable, "-c", _CRASH, str(tower.port), tower.token.hex()],
+                            cwd=str(REPO_ROOT), stderr=subprocess.PIPE)
+    try:
+        tower.accept(1, timeout=20)
+        heard: list = []
+        server = FakeServer()
+        tower.watch(server, lambda i, why: heard.append((i, why)))
+        proc.wait(20)
+        time.sleep(0.2)  # the whole report is in the socket by now
+        _listen(server, heard)
+        assert proc.returncode < 0  # died on the signal, as it would have without us
+        (engine, words), = heard
+        assert engine == 2
+        words += tower.read_rest(2, 1.0)
+        assert words.startswith("Fatal Python error: Segmentation fault"), words
+        assert "in user_code" in words, words  # the whole report, for the log
+        why = doorbell.last_words(words)
+        assert why.startswith("it crashed (Segmentation fault, File "), why
+        assert why.endswith("in string_at)"), why
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        tower.close()
+
+
+def test_an_end_without_words_says_the_process_ended():
+    assert doorbell.last_words("") == "its process ended (killed, or out of memory?)"
+    report = ("Fatal Python error: Floating point exception\n\n"
+              "Thread 0x01 (most recent call first):\n  File \"listener.py\", line 3 in poll\n\n"
+              "Current thread 0x02 (most recent call first):\n"
+              "  File \"<string>\", line 9 in <module>\n")
+    assert doorbell.last_words(report) == (
+        "it crashed (Floating point exception, File \"<string>\", line 9 in <module>)")
+    # Cut off in the middle of the crashing call's line: the signal alone.
+    assert doorbell.last_words("Fatal Python error: Aborted\n\nStack (most recent call "
+                               "first):\n  File \"x.py\", li") == "it crashed (Aborted)"
