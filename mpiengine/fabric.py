@@ -30,7 +30,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mpi4py
 
@@ -253,8 +253,17 @@ class EngineComm(MPI.Intracomm):
     commands to other engines stuck behind it. These four are done here with
     gathers, which wait without the GIL, and the reduction applied locally in rank
     order (as MPI does for predefined operations; ``op`` must be associative).
-    Everything else is mpi4py's own.
+    ``Abort`` first calls :attr:`before_abort` (the runtime has the engine say why
+    it ends). Everything else is mpi4py's own.
     """
+
+    #: Called with the error code just before ``Abort`` ends the job.
+    before_abort: Optional[Callable[[int], None]] = None
+
+    def Abort(self, errorcode: int = 0) -> None:  # noqa: N802 - mpi4py's name
+        if EngineComm.before_abort is not None:
+            EngineComm.before_abort(errorcode)
+        super().Abort(errorcode)
 
     def allreduce(self, sendobj: Any, op: Any = MPI.SUM) -> Any:
         return _fold(op, self.allgather(sendobj))

@@ -94,10 +94,12 @@ def _engine(world: fabric.World, opts: ServeOptions) -> int:
 
 
 def _report_exits(bell: Bell) -> None:
-    """Have ``os._exit`` in user code tell the controller before this engine ends.
-
-    A forked child that calls it (multiprocessing does) just exits."""
+    """Have ``os._exit`` and ``comm.Abort`` in user code tell the controller before
+    this engine ends. A forked child that calls ``os._exit`` (multiprocessing does)
+    just exits."""
     real_exit, me = os._exit, os.getpid()
+    fabric.EngineComm.before_abort = lambda code: bell.last_words(
+        f"it called comm.Abort({code})")
 
     def _exit(status: int) -> None:
         if os.getpid() == me:

@@ -85,13 +85,15 @@ DEATHS = {
     "sigkill": "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
     "segfault": "import ctypes; ctypes.string_at(0)",
     "abort": "from mpi4py import MPI; MPI.COMM_WORLD.Abort(3)",
+    "comm.Abort": "comm.Abort(3)",
 }
 CALLS = ["execute", "pull", "gather", "pending.r"]
 #: What the client's message says of each death, when it names the engine.
 REASONS = {"os._exit": "it called os._exit(1)", "sigkill": "its process ended",
-           "segfault": "it crashed (Segmentation fault", "abort": "MPI_Abort"}
+           "segfault": "it crashed (Segmentation fault", "abort": "MPI_Abort",
+           "comm.Abort": "it called comm.Abort(3)"}
 DIAGONAL = {("os._exit", "execute"), ("sigkill", "pull"), ("segfault", "gather"),
-            ("abort", "pending.r")}
+            ("abort", "pending.r"), ("comm.Abort", "execute")}
 MATRIX = os.environ.get("MPIENGINE_CRASH_MATRIX", "") not in ("", "0")
 VICTIM = 1
 DELAY = 1.0  # the engine dies this long after the call starts: the client is blocked by then
@@ -168,7 +170,8 @@ def test_engine_death_raises_cluster_lost(fresh_cluster, death, call):
     out before MPICH's Hydra, which SIGKILLs every rank as soon as one dies, reaches
     the controller, a race it loses now and then on a busy machine; such a run is
     reported as XFAIL. test_dead_engine_is_named_when_the_launcher_waits checks
-    that naming without the race. MPI_Abort ends every rank at once: no name.
+    that naming without the race. MPI.COMM_WORLD.Abort ends every rank at once: no
+    name (``comm.Abort`` of the engines' communicator says why first).
     """
     if (death, call) not in DIAGONAL and not MATRIX:
         pytest.skip("off the diagonal: MPIENGINE_CRASH_MATRIX=1 runs every pair")
