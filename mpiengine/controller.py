@@ -4,8 +4,9 @@ No user code runs here and nothing is unpickled: payloads are opaque buffers
 that go from a client's socket straight into an MPI broadcast or scatter, and
 replies come back from an MPI gather straight onto the socket.
 
-For each command the controller broadcasts a header to every engine (one
-collective on ``hdr``), then the payload on the command's target set. Replies
+For each command the controller sends a header to every engine (on ``hdr``)
+and rings their doorbells, then broadcasts the payload on the command's target
+set. Replies
 are gathered per target set in command order: the Igather of sizes for the
 oldest command of a set is posted first; when it completes, the Igatherv of the
 blobs follows, then the next command's sizes. Sets of different engines
@@ -233,9 +234,10 @@ class Controller:
             self._post_sizes(cmd, targets)
 
     def _send_header(self, meta: dict) -> Tuple[List[Any], List[Any]]:
+        sent = self.world.send_header(json.dumps(meta).encode())
         if self.bells is not None:
-            self.bells.before_command()
-        return self.world.send_header(json.dumps(meta).encode())
+            self.bells.ring()  # after: a woken engine finds its header there
+        return sent
 
     def _post_sizes(self, cmd: Command, targets: Tuple[int, ...]) -> None:
         req, buf = self.world.gather_sizes(self.world.group(targets)[1])

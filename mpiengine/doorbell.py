@@ -1,19 +1,18 @@
 """Doorbells: let idle engines sleep in the kernel instead of polling MPI.
 
 An MPI rank can only learn of a message by polling, and every poll costs a
-wake-up (about 50 us of CPU on a small VM). An engine that has been idle for a
-while therefore stops polling and blocks in ``poll(2)`` on two file
-descriptors: a TCP connection to the controller (its doorbell) and a pipe that
-its own main thread writes to when a reply is ready. Before the controller
-broadcasts a command after a quiet spell, it writes one byte to every doorbell;
-the engines wake, and the command's collectives run at full speed.
-
-The controller rings only when engines may be asleep: an engine sleeps only
-after ``DEEP_IDLE`` seconds without progress, and an engine's quiet spell
-never starts before the controller's last command. Rings are cheap and
-harmless when an engine is awake. Connections authenticate with a per-job
-token sent over MPI; an engine that cannot connect keeps polling (slower
-wake-ups and more idle CPU, but correct).
+wake-up (about 50 us of CPU on a small VM; with 32 engines on 2 cores, polling
+engines starve the ones doing the work). An engine with nothing in flight
+therefore blocks in ``poll(2)`` on a TCP connection to the controller (its
+doorbell), a pipe that its own main thread writes to when a reply is ready, and
+its captured output. Before the controller broadcasts any header, it writes
+one byte to every doorbell; the engines wake and poll MPI until they have
+received that header (they count rings and headers: an engine that has seen as
+many headers as it was rung for may sleep again), and the command's
+collectives run at full speed. A ring costs the controller one ``send`` per
+engine. Connections authenticate with a per-job token sent over MPI; an engine
+that cannot connect keeps polling (slower wake-ups and more idle CPU, but
+correct).
 
 The doorbell also carries an engine's last words. Engines never write to it
 otherwise, so any bytes the controller reads from one say why that engine is
@@ -34,8 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-DEEP_IDLE = 0.25
-DEEP_SLEEP = 1.0
+DEEP_SLEEP = 2.0  # the longest sleep: a safety net, should a ring ever be lost
 _HELLO = struct.Struct("!32sI")
 
 
@@ -47,6 +45,7 @@ class Bell:
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
         self.sock: Optional[socket.socket] = None
+        self.rings = 0  # bytes read from the doorbell: one per header broadcast since
         self._poll = select.poll()
         self._poll.register(self._r, select.POLLIN)
 
@@ -126,8 +125,13 @@ class Bell:
         got = False
         for fd in ([self._r] + ([self.sock.fileno()] if self.sock else [])):
             try:
-                while os.read(fd, 4096):
+                while True:
+                    data = os.read(fd, 4096)
+                    if not data:
+                        break
                     got = True
+                    if fd != self._r:
+                        self.rings += len(data)
             except BlockingIOError:
                 pass
             except OSError:
@@ -160,7 +164,6 @@ class BellTower:
         self.listener.listen(1024)
         self.port = self.listener.getsockname()[1]
         self.bells: Dict[int, socket.socket] = {}
-        self.last_command = time.monotonic()
 
     def addresses(self, hostname: str) -> List[str]:
         """Where engines should dial, best first."""
@@ -199,19 +202,16 @@ class BellTower:
         if len(self.bells) < n:
             log.warning("only %d of %d engines have doorbells", len(self.bells), n)
 
-    def before_command(self) -> None:
-        """Ring every doorbell if the engines may have fallen asleep."""
-        now = time.monotonic()
-        if now - self.last_command > DEEP_IDLE / 2:
-            for engine_id, sock in list(self.bells.items()):
-                try:
-                    sock.send(b"r")
-                except BlockingIOError:
-                    pass  # unread rings are queued already: it will wake
-                except OSError:
-                    sock.close()
-                    del self.bells[engine_id]
-        self.last_command = now
+    def ring(self) -> None:
+        """Ring every doorbell: a header follows."""
+        for engine_id, sock in list(self.bells.items()):
+            try:
+                sock.send(b"r")
+            except BlockingIOError:
+                pass  # thousands of unread rings queued: it will wake anyway
+            except OSError:
+                sock.close()
+                del self.bells[engine_id]
 
     def watch(self, server: Any, on_lost: Callable[[int, str], None]) -> None:
         """Have ``server`` report an engine that is ending or gone, with the reason."""

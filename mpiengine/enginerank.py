@@ -1,17 +1,19 @@
-"""An engine rank: a listener thread that owns the MPI traffic, and a main thread
-that runs user code.
+"""An engine rank: a listener thread that receives commands, and a main thread
+that runs them.
 
-The listener always has an Ibcast posted for the next command header, so it sees
+The listener always has a receive posted for the next command header, so it sees
 every command while the main thread is busy; it receives the payloads of the
-commands addressed to this engine and queues them, and it sends the main
-thread's replies to the controller. The main thread runs the queued commands one
-by one, in the order the controller sent them. Keeping user code on the main
-thread means signals (interrupts) reach it, and user MPI calls on ``comm`` never
-mix with the runtime's communicators.
+commands addressed to this engine and queues them, and it sends the engine's
+own control messages (live output, stacks). The main thread runs the queued
+commands one by one, in the order the controller sent them, and sends each
+reply itself, waiting until it has left before the next command may change the
+objects it points into. Keeping user code on the main thread means signals
+(interrupts) reach it, and user MPI calls on ``comm`` never mix with the
+runtime's communicators.
 
-Idle, the listener polls with a growing back-off sleep (see :class:`fabric.Backoff`)
-and then sleeps on its doorbell (see :mod:`doorbell`); the main thread blocks on a
-queue: neither spins.
+With nothing in flight the listener sleeps on its doorbell (see :mod:`doorbell`);
+while collectives are under way it polls with a back-off sleep (see
+:class:`fabric.Backoff`); the main thread blocks on a queue: neither spins.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from typing import Any, Deque, List, Optional, Tuple
 
 from . import fabric
 from .capture import FdCapture
-from .doorbell import DEEP_IDLE, DEEP_SLEEP, Bell
+from .doorbell import DEEP_SLEEP, Bell
 from . import protocol as P
 from .engine import Command, Engine
 
@@ -63,7 +65,6 @@ class EngineRank:
         engine.fd_capture = self.fds
         for fd in self.fds.read_fds:
             bell.watch_fd(fd)
-        self.outbox: Deque[Tuple[Command, Tuple[bytes, Any]]] = collections.deque()
         self.stopping = False
         self.current: Optional[int] = None      # seq of the command the main thread runs
         self.cancelled: set = set()             # seqs interrupted before they started
@@ -96,8 +97,7 @@ class EngineRank:
                         reply = self.engine.run(cmd)
                     self.current = None
                     self._note_done(cmd, reply)
-                    self.outbox.append((cmd, reply))
-                    self.bell.wake()
+                    self._send_reply(cmd, reply)
                 except KeyboardInterrupt:
                     # An interrupt that arrived just after user code ended: nothing to stop.
                     continue
@@ -107,6 +107,17 @@ class EngineRank:
         listener.join()
         if self.error is not None:
             raise RuntimeError("the engine's listener thread failed") from self.error
+
+    def _send_reply(self, cmd: Command, reply: Tuple[Any, Any]) -> None:
+        """Send a command's reply, and wait until it has left.
+
+        A reply points into the namespace's objects (arrays go without a copy), so
+        the next command, which may change them, runs only once it is out. A small
+        reply leaves at once; a large one as fast as the controller takes it.
+        """
+        meta, data = reply
+        reqs, _keep = self.world.send_reply(self.world.group(cmd.targets)[1], meta, data)
+        fabric.wait(reqs, fabric.Backoff(cap=self.idle_cap))
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         # Only user code is interrupted; the runtime's own bookkeeping never is.
@@ -133,13 +144,12 @@ class EngineRank:
         incoming: Deque[Command] = collections.deque()
         sending: List[Tuple[list, list]] = []
         header_open = True
+        headers = 0  # received; the controller rings the doorbell once per header
         while True:
             progressed = False
             if header_open and fabric.test([req]):
                 meta = json.loads(world.finish_header(buf, backoff))
-                # Any header counts as progress: the controller rings doorbells only
-                # after a quiet spell, so an engine that slept through a burst of
-                # commands for others would stall the tree of the next header.
+                headers += 1
                 progressed = True
                 if self._on_header(meta, me, incoming):
                     header_open = False
@@ -159,23 +169,22 @@ class EngineRank:
             while self._ctl_out:
                 sending.append(world.send_ctl(self._ctl_out.popleft()))
                 progressed = True
-            while self.outbox:
-                cmd, (m, d) = self.outbox.popleft()
-                sending.append(world.send_reply(world.group(cmd.targets)[1], m, d))
-                progressed = True
             if sending:
                 sending = [s for s in sending if not fabric.test(s[0])]
-            if (not header_open and self.main_done.is_set() and not self.outbox
-                    and not sending and not incoming):
+            if (not header_open and self.main_done.is_set() and not sending
+                    and not incoming):
                 return
             if progressed:
                 backoff.reset()
                 continue
-            # Sleep in the kernel once idle with nothing in flight: the controller
-            # rings the doorbell before its next command, the main thread wakes us
-            # when a reply is ready, and the timeout is a safety net.
-            quiet = not sending and not incoming and header_open and not self._stream
-            if quiet and self.bell.connected and backoff.idle() > DEEP_IDLE:
+            # Sleep in the kernel with nothing in flight and every header we were
+            # rung for received (a header's collective needs us to poll until we
+            # have it: we pass it on to other engines). The controller rings before
+            # its next header, the main thread wakes us when a reply is ready, and
+            # the timeout is a safety net.
+            quiet = (not sending and not incoming and header_open and not self._stream
+                     and headers >= self.bell.rings)
+            if quiet and self.bell.connected:
                 woke = self.bell.sleep(DEEP_SLEEP)
             else:
                 delay = backoff.next_delay()

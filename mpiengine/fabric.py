@@ -5,8 +5,10 @@ Communicators (``world`` is ``COMM_WORLD``; rank 0 is the controller, rank
 
     user       engines only (engine id == rank); handed to user code as ``comm``,
                never used by the runtime
-    hdr        a dup of world: every command's fixed-size header is an Ibcast here,
-               so all engines see every command in one global order
+    hdr        a dup of world: every command's fixed-size header goes from rank 0
+               to each engine as a point-to-point message (a linear broadcast: no
+               engine waits for another to pass it on, which matters when ranks
+               outnumber cores), so all engines see every command in one global order
     down[T]    controller + the engines of target set T: the command's payload
                (Ibcast of each part, Iscatterv of a scatter)
     up[T]      controller + T: each engine's reply, as Igather of sizes, then
@@ -164,18 +166,18 @@ class World:
         _HDR_LEN.pack_into(buf, 0, len(meta))
         inline = meta[:HDR_SIZE - _HDR_LEN.size]
         buf[_HDR_LEN.size:_HDR_LEN.size + len(inline)] = inline
-        reqs = [self.hdr.Ibcast([buf, MPI.BYTE], root=0)]
+        reqs = [self.hdr.Isend([buf, MPI.BYTE], dest=r) for r in range(1, self.size)]
         keep = [buf]
         rest = meta[len(inline):]
         if rest:
             rest_buf = bytearray(rest)
-            reqs.append(self.hdr.Ibcast([rest_buf, MPI.BYTE], root=0))
+            reqs += [self.hdr.Isend([rest_buf, MPI.BYTE], dest=r) for r in range(1, self.size)]
             keep.append(rest_buf)
         return reqs, keep
 
     def post_header_recv(self) -> Tuple[Any, bytearray]:
         buf = bytearray(HDR_SIZE)
-        return self.hdr.Ibcast([buf, MPI.BYTE], root=0), buf
+        return self.hdr.Irecv([buf, MPI.BYTE], source=0), buf
 
     def finish_header(self, buf: bytearray, backoff: Backoff) -> bytes:
         """Return a received header's meta, receiving its overflow part if any."""
@@ -184,7 +186,7 @@ class World:
         meta = bytes(buf[_HDR_LEN.size:_HDR_LEN.size + min(n, room)])
         if n > room:
             rest = bytearray(n - room)
-            wait([self.hdr.Ibcast([rest, MPI.BYTE], root=0)], backoff)
+            wait([self.hdr.Irecv([rest, MPI.BYTE], source=0)], backoff)
             meta += bytes(rest)
         return meta
 

@@ -387,6 +387,22 @@ def _own_replies(cl: Any, tag: str, rounds: int, problems: List[str]) -> None:
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
+def test_a_pulled_array_is_not_changed_by_the_next_command(cluster, mec):
+    """A reply points into the engine's array (no copy); the next command, which
+    overwrites that array, must not start before the reply has left the engine."""
+    mec.execute("import numpy\na = numpy.ones(4_000_000)", targets=[0, 1])
+    try:
+        for _ in range(3):
+            mec.execute("a[:] = 1", targets=[0, 1])
+            pulled = mec.pull("a", targets=[0, 1], block=False)
+            zeroed = mec.execute("a[:] = 0", targets=[0, 1], block=False)
+            assert [float(x.sum()) for x in pulled.get_result(timeout=60)] == [4e6, 4e6]
+            zeroed.get_result(timeout=60)
+    finally:
+        mec.execute("del a", targets=[0, 1])
+
+
 def test_two_clients_at_once_get_their_own_replies(cluster, mec):
     a, b = cluster.client(), cluster.client()
     problems: List[str] = []
