@@ -105,9 +105,15 @@ class Channel:
                              f"{self.limit} per message (serve --max-message-size)")
         req = next(self._reqs)
         with self._send_lock:
-            chunks = self.sender.encode(kind, dict(meta, req=req), parts)
+            out = self.sender.stream(kind, dict(meta, req=req), parts)
             try:
-                self._sendv([memoryview(c).cast("B") for c in chunks])
+                # A small frame goes in one write; a large one slice by slice, each
+                # MACed just before it is sent.
+                while True:
+                    views = out.take()
+                    if not views:
+                        break
+                    self._sendv(views)
             except OSError as e:
                 self._fail(e)
                 self._check()

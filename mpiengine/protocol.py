@@ -22,6 +22,7 @@ Frame::
     meta     meta_len bytes of JSON            (small, never user objects)
     parts    the opaque parts (pickles and raw array buffers)
     tag      16 bytes: Poly1305 over everything above, keyed by HMAC(session_key, seq)
+             (both ends compute it as the bytes go out and come in; it comes last)
 
 The frame ``kind`` is one of the message kinds in :data:`KINDS` below; the same
 numbers name the operations the controller sends to engines over MPI.
@@ -159,6 +160,11 @@ class Frame:
         return f"<Frame {kind_name(self.kind)} meta={self.meta!r} parts={sizes}>"
 
 
+#: Large parts are MACed and sent in slices of this size, so that the MAC of one
+#: slice overlaps the transfer of the previous one (the tag still comes last).
+STREAM_SLICE = 1 << 20
+
+
 class Sender:
     """Turn frames into authenticated byte chunks (no copy of the parts)."""
 
@@ -166,7 +172,8 @@ class Sender:
         self.key = session_key
         self.seq = 0
 
-    def encode(self, kind: int, meta: dict, parts: Sequence[Any] = ()) -> List[Any]:
+    def stream(self, kind: int, meta: dict, parts: Sequence[Any] = ()) -> "Outgoing":
+        """Return the frame as an :class:`Outgoing`, whose MAC is computed as it is sent."""
         views = [memoryview(p).cast("B") if not isinstance(p, (bytes, bytearray)) else p
                  for p in parts]
         if len(views) > MAX_PARTS:
@@ -179,11 +186,50 @@ class Sender:
                          for v in views)
         mac = _frame_mac(self.key, self.seq)
         self.seq += 1
-        mac.update(head)
-        mac.update(meta_b)
-        for v in views:
-            mac.update(v)
-        return [head, meta_b, *views, mac.finalize()]
+        return Outgoing(mac, [head, meta_b, *views])
+
+    def encode(self, kind: int, meta: dict, parts: Sequence[Any] = ()) -> List[Any]:
+        """Return the whole frame as chunks: header, meta, each part, tag."""
+        out = self.stream(kind, meta, parts)
+        for piece in out.pieces:
+            out.mac.update(piece)
+        return [*out.pieces, out.mac.finalize()]
+
+
+class Outgoing:
+    """One frame's bytes in sending order, MACed as they are handed out.
+
+    :meth:`take` returns the next chunks (slices of large parts) after adding them
+    to the MAC; the tag, last, is computed when it is reached. A sender that
+    takes, sends, and takes again overlaps the MAC with the transfer.
+    """
+
+    def __init__(self, mac: Poly1305, pieces: List[Any]) -> None:
+        self.mac = mac
+        self.pieces = pieces
+        self._i = 0       # next piece
+        self._off = 0     # bytes of it already taken
+        self._done = False
+
+    def take(self, limit: int = 4 * STREAM_SLICE) -> List[memoryview]:
+        """MAC and return the next chunks, about ``limit`` bytes; [] when all is out."""
+        out: List[memoryview] = []
+        budget = limit
+        while self._i < len(self.pieces) and budget > 0:
+            piece = memoryview(self.pieces[self._i]).cast("B")
+            n = min(piece.nbytes - self._off, budget, STREAM_SLICE)
+            if n > 0:
+                chunk = piece[self._off:self._off + n]
+                self.mac.update(chunk)
+                out.append(chunk)
+                self._off += n
+                budget -= n
+            if self._off >= piece.nbytes:
+                self._i, self._off = self._i + 1, 0
+        if self._i == len(self.pieces) and not self._done and budget > 0:
+            self._done = True
+            out.append(memoryview(self.mac.finalize()))
+        return out
 
 
 class FrameParser:
@@ -216,6 +262,10 @@ class FrameParser:
 
     def advance(self, n: int) -> Optional[Frame]:
         """Record that ``n`` bytes were written into :meth:`want`'s view."""
+        if self._stage == "part" and n:
+            # MAC a part as it arrives: the check of a large part then overlaps its
+            # transfer instead of following it. Nothing is used before the tag.
+            self._mac.update(memoryview(self._buf)[self._pos:self._pos + n])
         self._pos += n
         while self._pos == len(self._buf):
             frame = self._next_stage()
@@ -251,8 +301,7 @@ class FrameParser:
             self._mac.update(self._meta_b)
             self._start_part()
         elif stage == "part":
-            self._mac.update(data)
-            self._parts.append(data)
+            self._parts.append(data)  # MACed as it came in (advance)
             self._start_part()
         elif stage == "tag":
             try:

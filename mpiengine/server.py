@@ -41,6 +41,7 @@ class Conn:
         self.opened = time.monotonic()
         hello, self.nonce = P.server_hello()
         self.out: Deque[memoryview] = collections.deque([memoryview(hello)])
+        self.frames: Deque[P.Outgoing] = collections.deque()  # queued, not yet taken
         self.auth_buf = bytearray(P.AUTH_SIZE)
         self.auth_pos = 0
         self.parser: Optional[P.FrameParser] = None
@@ -104,16 +105,28 @@ class Conn:
     def send(self, kind: int, meta: dict, parts: List[Any] = ()) -> None:
         if self.closed or self.sender is None:
             return
-        for chunk in self.sender.encode(kind, meta, parts):
-            view = memoryview(chunk).cast("B")
-            if view.nbytes:  # an empty part has nothing to send (and SSL send() says 0)
-                self.out.append(view)
+        self.frames.append(self.sender.stream(kind, meta, parts))
+
+    @property
+    def pending(self) -> bool:
+        """True while bytes wait to be written."""
+        return bool(self.out or self.frames)
 
     def flush(self) -> bool:
         """Write what the socket takes now; return True when everything is written."""
         if self.handshaking and not self._tls_handshake():
             return False
-        while self.out:
+        while self.out or self.frames:
+            if not self.out:
+                # The next slices of the oldest frame, MACed now: while the client
+                # reads one slice, the next one is being MACed here.
+                views = self.frames[0].take()
+                if not views:
+                    self.frames.popleft()
+                    continue
+                # An empty part has nothing to send (and SSL send() would say 0).
+                self.out.extend(v for v in views if v.nbytes)
+                continue
             try:
                 if self.tls:  # SSL sockets have no sendmsg
                     n = self.sock.send(self.out[0])
@@ -241,7 +254,7 @@ class Server:
         if conn.eof:
             log.debug("%r closed by the client", conn)
             self.close(conn)
-        elif conn.out and not conn.closed:  # e.g. the handshake proof
+        elif conn.pending and not conn.closed:  # e.g. the handshake proof
             self._write(conn)
 
     def watch(self, sock: socket.socket, callback: Callable[[], None]) -> None:
@@ -303,7 +316,7 @@ class Server:
     def drain(self, timeout: float) -> None:
         """Try to deliver queued output to every client for up to ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(c.out for c in self.conns.values()):
+        while time.monotonic() < deadline and any(c.pending for c in self.conns.values()):
             self.poll(0.01)
 
     def shutdown(self) -> None:
