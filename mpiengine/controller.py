@@ -35,6 +35,7 @@ from .server import Conn, Server
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0
+SPIN_AFTER_PROGRESS = 0.002
 EARLY_FAILURE_AFTER = 1.0
 
 
@@ -128,9 +129,14 @@ class Controller:
             timeout = backoff.next_delay() if busy else (0.2 if self.on_tick else 1.0)
             if timeout < 0.002:
                 # epoll counts whole milliseconds: sleep the short waits ourselves.
+                # Right after progress, only yield the core: the next step of a
+                # command (the engines' replies) is usually a few microseconds away.
                 events = self.server.poll(0)
                 if not events:
-                    time.sleep(timeout)
+                    if backoff.idle() < SPIN_AFTER_PROGRESS:
+                        os.sched_yield()
+                    else:
+                        time.sleep(timeout)
             else:
                 events = self.server.poll(timeout)
             if self._progress() or events:
