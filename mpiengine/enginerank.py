@@ -45,6 +45,9 @@ STREAM_AFTER = 0.2
 STREAM_EVERY = 0.2
 #: Replies up to this size also go early to the controller, for partial results.
 PARTIAL_MAX = 64 * 1024
+#: A reply up to this size leaves at once (MPI sends it eagerly): wait for it by
+#: yielding the core; a larger one leaves at the controller's pace.
+SMALL_REPLY = 64 * 1024
 
 
 class EngineRank:
@@ -117,9 +120,10 @@ class EngineRank:
         """
         meta, data = reply
         reqs, _keep = self.world.send_reply(self.world.group(cmd.targets)[1], meta, data)
-        spin = time.monotonic() + 0.002  # a small reply leaves within microseconds
-        while not fabric.test(reqs) and time.monotonic() < spin:
-            os.sched_yield()
+        if memoryview(meta).nbytes + memoryview(data).nbytes <= SMALL_REPLY:
+            spin = time.monotonic() + 0.002  # a small reply leaves within microseconds
+            while not fabric.test(reqs) and time.monotonic() < spin:
+                os.sched_yield()
         fabric.wait(reqs, fabric.Backoff(cap=self.idle_cap))
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -214,7 +218,7 @@ class EngineRank:
         note: dict = {"kind": "done", "seq": cmd.meta.get("seq"), "id": self.engine.id,
                       "ok": error is None, "error": error}
         meta, data = reply
-        if memoryview(meta).nbytes + memoryview(data).nbytes <= PARTIAL_MAX:
+        if memoryview(meta).nbytes + memoryview(data).nbytes <= SMALL_REPLY:
             note["blob"] = [base64.b64encode(bytes(meta)).decode(),
                             base64.b64encode(bytes(data)).decode()]
         self._ctl_out.append(json.dumps(note).encode())
