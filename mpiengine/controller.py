@@ -6,10 +6,9 @@ replies come back from an MPI gather straight onto the socket.
 
 For each command the controller sends a header to every engine (on ``hdr``)
 and rings their doorbells, then broadcasts the payload on the command's target
-set. Replies
-are gathered per target set in command order: the Igather of sizes for the
-oldest command of a set is posted first; when it completes, the Igatherv of the
-blobs follows, then the next command's sizes. Sets of different engines
+set. Replies are gathered per target set in command order: the Igather of sizes
+for the oldest command of a set is posted first; when it completes, the Igatherv
+of the blobs follows, then the next command's sizes. Sets of different engines
 progress independently, so commands to disjoint engines overlap.
 
 A result is sent to the client that is waiting for it (a blocking call);

@@ -5,7 +5,7 @@ wake-up (about 50 us of CPU on a small VM; with 32 engines on 2 cores, polling
 engines starve the ones doing the work). An engine with nothing in flight
 therefore blocks in ``poll(2)`` on a TCP connection to the controller (its
 doorbell), a pipe that its own main thread writes to when a reply is ready, and
-its captured output. Before the controller broadcasts any header, it writes
+its captured output. Each time the controller sends a header, it then writes
 one byte to every doorbell; the engines wake and poll MPI until they have
 received that header (they count rings and headers: an engine that has seen as
 many headers as it was rung for may sleep again), and the command's
@@ -203,7 +203,7 @@ class BellTower:
             log.warning("only %d of %d engines have doorbells", len(self.bells), n)
 
     def ring(self) -> None:
-        """Ring every doorbell: a header follows."""
+        """Ring every doorbell: a header has just been sent to every engine."""
         for engine_id, sock in list(self.bells.items()):
             try:
                 sock.send(b"r")

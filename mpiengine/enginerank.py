@@ -185,10 +185,9 @@ class EngineRank:
                 backoff.reset()
                 continue
             # Sleep in the kernel with nothing in flight and every header we were
-            # rung for received (a header's collective needs us to poll until we
-            # have it: we pass it on to other engines). The controller rings before
-            # its next header, the main thread wakes us when a reply is ready, and
-            # the timeout is a safety net.
+            # rung for received (the ring may come before its header is in). The
+            # controller rings with each header, the main thread wakes us for live
+            # output and control messages, and the timeout is a safety net.
             quiet = (not sending and not incoming and header_open and not self._stream
                      and headers >= self.bell.rings)
             if quiet and self.bell.connected:
@@ -218,7 +217,7 @@ class EngineRank:
         note: dict = {"kind": "done", "seq": cmd.meta.get("seq"), "id": self.engine.id,
                       "ok": error is None, "error": error}
         meta, data = reply
-        if memoryview(meta).nbytes + memoryview(data).nbytes <= SMALL_REPLY:
+        if memoryview(meta).nbytes + memoryview(data).nbytes <= PARTIAL_MAX:
             note["blob"] = [base64.b64encode(bytes(meta)).decode(),
                             base64.b64encode(bytes(data)).decode()]
         self._ctl_out.append(json.dumps(note).encode())
