@@ -90,7 +90,7 @@ DEATHS = {
 CALLS = ["execute", "pull", "gather", "pending.r"]
 #: What the client's message says of each death, when it names the engine.
 REASONS = {"os._exit": "it called os._exit(1)", "sigkill": "its process ended",
-           "segfault": "it crashed (Segmentation fault", "abort": "MPI_Abort",
+           "segfault": "it crashed (Segmentation fault", "abort": "its process ended",
            "comm.Abort": "it called comm.Abort(3)"}
 DIAGONAL = {("os._exit", "execute"), ("sigkill", "pull"), ("segfault", "gather"),
             ("abort", "pending.r"), ("comm.Abort", "execute")}
@@ -386,7 +386,6 @@ def _own_replies(cl: Any, tag: str, rounds: int, problems: List[str]) -> None:
         problems.append(f"{tag}: {e!r}")
 
 
-@pytest.mark.timeout(90)
 @pytest.mark.timeout(120)
 def test_a_pulled_array_is_not_changed_by_the_next_command(cluster, mec):
     """A reply points into the engine's array (no copy); the next command, which
@@ -403,6 +402,7 @@ def test_a_pulled_array_is_not_changed_by_the_next_command(cluster, mec):
         mec.execute("del a", targets=[0, 1])
 
 
+@pytest.mark.timeout(90)
 def test_two_clients_at_once_get_their_own_replies(cluster, mec):
     a, b = cluster.client(), cluster.client()
     problems: List[str] = []
