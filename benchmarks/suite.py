@@ -205,12 +205,13 @@ def run_ops(adapters: Dict[str, Any], data: Data, sizes: Sizes,
     """Time every op on every framework; return ``{op key: {framework: [seconds]}}``.
 
     Repetitions alternate between the frameworks, so a burst of load from
-    elsewhere on the machine hits both alike instead of one: heavy operations
-    call by call (A B A B ...), fast ones in blocks of FAST_BLOCK calls, each
-    block after one untimed call (A A.. B B.. A A.. ...). A framework's processes
-    keep working for a while after a call returns (ipyparallel's hub and
-    schedulers record the result); call-by-call alternation would time each fast
-    call while the other framework's tail still held the two cores.
+    elsewhere on the machine hits both alike instead of one: blocks of one timed
+    call (heavy operations) or FAST_BLOCK timed calls (fast ones), each block
+    after one untimed call of the same framework (a A.. b B.. a A.., lower case
+    for the untimed call). A
+    framework's processes keep working for a while after a call returns
+    (ipyparallel's engines and hub after a 100 MB push, for instance); timing the
+    first call after a switch would measure one framework inside the other's tail.
     """
     results: Dict[str, Dict[str, List[float]]] = {}
     for op in ops(sizes):
@@ -231,8 +232,7 @@ def run_ops(adapters: Dict[str, Any], data: Data, sizes: Sizes,
         for _ in range(max(1, reps // block)):
             for name in list(calls):
                 try:
-                    if block > 1:
-                        calls[name]()  # untimed: lets the other framework's tail pass
+                    calls[name]()  # untimed: lets the other framework's tail pass
                     results[op.key][name] += time_calls(calls[name], block)
                 except Exception as e:
                     log(f"# {name}: {op.label} FAILED: {type(e).__name__}: {e}")
