@@ -208,10 +208,10 @@ def run_ops(adapters: Dict[str, Any], data: Data, sizes: Sizes,
     elsewhere on the machine hits both alike instead of one: blocks of one timed
     call (heavy operations) or FAST_BLOCK timed calls (fast ones), each block
     after one untimed call of the same framework (a A.. b B.. a A.., lower case
-    for the untimed call). A
-    framework's processes keep working for a while after a call returns
-    (ipyparallel's engines and hub after a 100 MB push, for instance); timing the
-    first call after a switch would measure one framework inside the other's tail.
+    for the untimed call). A framework's processes keep working for a while after
+    a call returns (ipyparallel's engines and hub after a 100 MB push, for
+    instance); timing the first call after a switch would measure one framework
+    inside the other's tail.
     """
     results: Dict[str, Dict[str, List[float]]] = {}
     for op in ops(sizes):
