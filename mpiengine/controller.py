@@ -429,16 +429,25 @@ class Controller:
             return  # engines exit at shutdown: not a loss; and report a loss once
         self.lost = True
         e = next((x for x in self.engines if x.get("id") == engine_id), {"id": engine_id})
-        text = (f"engine {engine_id} (pid {e.get('pid', '?')} on {e.get('host', '?')}) died: "
-                f"{last_words(words)}; MPI ends the whole job, so the cluster is gone")
+
+        def message(words: str) -> str:
+            return (f"engine {engine_id} (pid {e.get('pid', '?')} on {e.get('host', '?')}) "
+                    f"died: {last_words(words)}; MPI ends the whole job, so the cluster is gone")
+
+        text = message(words)
         if self.lost_note:
             _write_note(self.lost_note, {"engine": engine_id, "message": text,
                                          "time": time.time()})
         self.server.broadcast(P.LOST, {"engine": engine_id, "message": text})
         log.error(text)
         if self.bells is not None and words.startswith("Fatal Python error"):
+            # The rest of the crash report, if the launcher leaves us the time: the
+            # log gets all of it, the note the signal and the crashing call.
             report = words + self.bells.read_rest(engine_id, 0.2)
             log.error("engine %d's crash report:\n%s", engine_id, report.rstrip())
+            if self.lost_note and message(report) != text:
+                _write_note(self.lost_note, {"engine": engine_id, "message": message(report),
+                                             "time": time.time()})
         self.server.drain(0.5)
         self.world.abort(5)
 

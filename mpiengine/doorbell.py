@@ -227,8 +227,9 @@ class BellTower:
             return
         except OSError:
             data = b""
-        # Act on the first bytes: the launcher is about to end this process too. (A
-        # crash report comes in many small writes; its first line names the signal.)
+        # Act on the first bytes at once: the launcher ends every rank soon after one
+        # has died. (A crash report comes in many small writes; the controller
+        # reads the rest afterwards, for its log and the note.)
         on_lost(engine_id, data.decode("utf-8", "replace"))
 
     def read_rest(self, engine_id: int, timeout: float) -> str:
@@ -261,7 +262,7 @@ def last_words(text: str) -> str:
         return lines[0]
     # faulthandler: the error, then the crashing thread's stack, innermost call first
     # ("Stack" or, when it dumps every thread, "Current thread" after the others).
-    reason = lines[0][len("Fatal Python error:"):].strip()
+    reason = lines[0][len("Fatal Python error:"):].strip() or "a fatal signal"
     stack = next((i for i, ln in enumerate(lines)
                   if ln.startswith(("Stack (", "Current thread"))), None)
     complete = text.endswith("\n") and lines

@@ -146,6 +146,7 @@ def test_an_end_without_words_says_the_process_ended():
               "  File \"<string>\", line 9 in <module>\n")
     assert doorbell.last_words(report) == (
         "it crashed (Floating point exception, File \"<string>\", line 9 in <module>)")
-    # Cut off in the middle of the crashing call's line: the signal alone.
+    # Cut off before the signal's name, or in the middle of the crashing call's line.
+    assert doorbell.last_words("Fatal Python error: ") == "it crashed (a fatal signal)"
     assert doorbell.last_words("Fatal Python error: Aborted\n\nStack (most recent call "
                                "first):\n  File \"x.py\", li") == "it crashed (Aborted)"

@@ -90,7 +90,7 @@ DEATHS = {
 CALLS = ["execute", "pull", "gather", "pending.r"]
 #: What the client's message says of each death, when it names the engine.
 REASONS = {"os._exit": "it called os._exit(1)", "sigkill": "its process ended",
-           "segfault": "it crashed (Segmentation fault", "abort": "its process ended",
+           "segfault": "it crashed (", "abort": "its process ended",
            "comm.Abort": "it called comm.Abort(3)"}
 DIAGONAL = {("os._exit", "execute"), ("sigkill", "pull"), ("segfault", "gather"),
             ("abort", "pending.r"), ("comm.Abort", "execute")}
