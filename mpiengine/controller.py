@@ -28,13 +28,12 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import fabric
 from . import protocol as P
-from .doorbell import BellTower, last_words
+from .doorbell import BellTower, why_ended
 from .server import Conn, Server
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0
-SPIN_AFTER_PROGRESS = 0.002
 EARLY_FAILURE_AFTER = 1.0
 
 
@@ -132,7 +131,7 @@ class Controller:
                 # command (the engines' replies) is usually a few microseconds away.
                 events = self.server.poll(0)
                 if not events:
-                    if backoff.idle() < SPIN_AFTER_PROGRESS:
+                    if backoff.idle() < fabric.SPIN_AFTER_PROGRESS:
                         os.sched_yield()
                     else:
                         time.sleep(timeout)
@@ -432,7 +431,7 @@ class Controller:
 
         def message(words: str) -> str:
             return (f"engine {engine_id} (pid {e.get('pid', '?')} on {e.get('host', '?')}) "
-                    f"died: {last_words(words)}; MPI ends the whole job, so the cluster is gone")
+                    f"died: {why_ended(words)}; MPI ends the whole job, so the cluster is gone")
 
         text = message(words)
         if self.lost_note:

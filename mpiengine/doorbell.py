@@ -253,7 +253,7 @@ class BellTower:
         self.bells.clear()
 
 
-def last_words(text: str) -> str:
+def why_ended(text: str) -> str:
     """Why an engine ended, in one line, from what it wrote on its doorbell."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:

@@ -121,7 +121,7 @@ class EngineRank:
         meta, data = reply
         reqs, _keep = self.world.send_reply(self.world.group(cmd.targets)[1], meta, data)
         if memoryview(meta).nbytes + memoryview(data).nbytes <= SMALL_REPLY:
-            spin = time.monotonic() + 0.002  # a small reply leaves within microseconds
+            spin = time.monotonic() + fabric.SPIN_AFTER_PROGRESS  # it leaves in microseconds
             while not fabric.test(reqs) and time.monotonic() < spin:
                 os.sched_yield()
         fabric.wait(reqs, fabric.Backoff(cap=self.idle_cap))

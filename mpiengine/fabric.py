@@ -79,6 +79,12 @@ class Backoff:
         time.sleep(self.next_delay())
 
 
+#: Right after progress, poll by yielding the core this long before sleeping between
+#: polls: the next step of an exchange is usually microseconds away, and a short
+#: sleep costs a timer wake-up.
+SPIN_AFTER_PROGRESS = 0.002
+
+
 def test(reqs: Requests) -> bool:
     """Return True when every request completed (drives MPI progress)."""
     return MPI.Request.Testall(reqs) if reqs else True

@@ -249,6 +249,15 @@ class Cluster:
         if self.proc is not None and self.proc.poll() is None:
             self._pids.update(descendants(self.proc.pid))
 
+    def job_pids(self) -> Dict[int, str]:
+        """Every process of the running job, mpiexec itself included, with start times."""
+        self._remember_pids()
+        pids = dict(self._pids)
+        st = _stat(self.proc.pid)
+        if st is not None:
+            pids[self.proc.pid] = st[1]
+        return pids
+
     @property
     def controller_pid(self) -> Optional[int]:
         pid = self.info.get("pid")

@@ -128,7 +128,7 @@ def test_a_segfault_is_reported_with_where_it_happened():
         words += tower.read_rest(2, 1.0)
         assert words.startswith("Fatal Python error: Segmentation fault"), words
         assert "in user_code" in words, words  # the whole report, for the log
-        why = doorbell.last_words(words)
+        why = doorbell.why_ended(words)
         assert why.startswith("it crashed (Segmentation fault, File "), why
         assert why.endswith("in string_at)"), why
     finally:
@@ -139,14 +139,14 @@ def test_a_segfault_is_reported_with_where_it_happened():
 
 
 def test_an_end_without_words_says_the_process_ended():
-    assert doorbell.last_words("") == "its process ended (killed, or out of memory?)"
+    assert doorbell.why_ended("") == "its process ended (killed, or out of memory?)"
     report = ("Fatal Python error: Floating point exception\n\n"
               "Thread 0x01 (most recent call first):\n  File \"listener.py\", line 3 in poll\n\n"
               "Current thread 0x02 (most recent call first):\n"
               "  File \"<string>\", line 9 in <module>\n")
-    assert doorbell.last_words(report) == (
+    assert doorbell.why_ended(report) == (
         "it crashed (Floating point exception, File \"<string>\", line 9 in <module>)")
     # Cut off before the signal's name, or in the middle of the crashing call's line.
-    assert doorbell.last_words("Fatal Python error: ") == "it crashed (a fatal signal)"
-    assert doorbell.last_words("Fatal Python error: Aborted\n\nStack (most recent call "
+    assert doorbell.why_ended("Fatal Python error: ") == "it crashed (a fatal signal)"
+    assert doorbell.why_ended("Fatal Python error: Aborted\n\nStack (most recent call "
                                "first):\n  File \"x.py\", li") == "it crashed (Aborted)"

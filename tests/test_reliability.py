@@ -44,16 +44,6 @@ LOST_WITHIN = 10.0  # DESIGN §4: "a clear error within seconds"
 
 # -- helpers ---------------------------------------------------------------------------------
 
-def job_pids(c: harness.Cluster) -> Dict[int, str]:
-    """mpiexec, its Hydra proxy and every rank, with start times (see harness)."""
-    c._remember_pids()
-    pids = dict(c._pids)
-    st = harness._stat(c.proc.pid)
-    if st is not None:
-        pids[c.proc.pid] = st[1]
-    return pids
-
-
 def assert_all_gone(pids: Dict[int, str], timeout: float = 15.0) -> None:
     try:
         poll_for(lambda: harness._all_gone(pids), timeout, what="every process of the job to end")
@@ -176,7 +166,7 @@ def test_engine_death_raises_cluster_lost(fresh_cluster, death, call):
     if (death, call) not in DIAGONAL and not MATRIX:
         pytest.skip("off the diagonal: MPIENGINE_CRASH_MATRIX=1 runs every pair")
     c = fresh_cluster(2)
-    pids = job_pids(c)
+    pids = c.job_pids()
     err, elapsed, mec = _die_while_blocked(c, death, call)
     assert isinstance(err, ClusterLost), f"expected ClusterLost, got {err!r}"
     assert elapsed < DELAY + LOST_WITHIN, f"ClusterLost only after {elapsed:.1f} s"
@@ -223,7 +213,7 @@ def test_dead_engine_is_named_when_the_launcher_waits(tmp_path, death, call):
         pytest.skip(reason or "needs MPICH's Hydra mpiexec (-disable-auto-cleanup)")
     with _PatientCluster(workdir=str(tmp_path), name="patient") as c:
         c.start(2)
-        pids = job_pids(c)
+        pids = c.job_pids()
         err, elapsed, mec = _die_while_blocked(c, death, call)
         assert isinstance(err, ClusterLost), f"expected ClusterLost, got {err!r}"
         assert elapsed < DELAY + LOST_WITHIN, f"ClusterLost only after {elapsed:.1f} s"
@@ -234,7 +224,7 @@ def test_dead_engine_is_named_when_the_launcher_waits(tmp_path, death, call):
 @pytest.mark.timeout(90)
 def test_controller_killed_raises_cluster_lost(fresh_cluster):
     c = fresh_cluster(2)
-    pids = job_pids(c)
+    pids = c.job_pids()
     mec = c.client()
     mec.on_output = None
     t0 = time.monotonic()

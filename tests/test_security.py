@@ -103,16 +103,6 @@ def round_trip(mec: Any) -> float:
     return time.monotonic() - t0
 
 
-def cluster_pids(c: harness.Cluster) -> Dict[int, str]:
-    """Every process of a running cluster: mpiexec, its proxies and the ranks."""
-    c._remember_pids()
-    pids = dict(c._pids)
-    st_ = harness._stat(c.proc.pid)
-    if st_ is not None:
-        pids[c.proc.pid] = st_[1]
-    return pids
-
-
 def start_own_cluster(tmp_path_factory: Any, name: str, n: int, args: List[str],
                       env: Optional[Dict[str, str]] = None) -> harness.Cluster:
     _skip_without_mpi()
@@ -578,7 +568,7 @@ def _all_texts_of(pids: Dict[int, str]) -> Dict[str, bytes]:
 
 def test_key_not_in_argv_or_environment_of_any_process(cluster):
     key = file_info(cluster.connection_file)["key"]
-    pids = cluster_pids(cluster)
+    pids = cluster.job_pids()
     assert len(pids) >= 1 + 4 + 1, f"expected mpiexec, a proxy and 5 ranks; got {pids}"
     texts = _all_texts_of(pids)
     assert any(f.endswith("cmdline") for f in texts)
