@@ -6,10 +6,10 @@ replies come back from an MPI gather straight onto the socket.
 
 For each command the controller sends a header to every engine (on ``hdr``)
 and rings their doorbells, then broadcasts the payload on the command's target
-set. Replies are gathered per target set in command order: the Igather of sizes
-for the oldest command of a set is posted first; when it completes, the Igatherv
-of the blobs follows, then the next command's sizes. Sets of different engines
-progress independently, so commands to disjoint engines overlap.
+set. Each engine sends its reply to the controller as a message of its own; a
+command is complete when every target's reply is in, and its result goes out
+as those replies' blobs back to back, without a copy. Commands to disjoint
+engines overlap.
 
 A result is sent to the client that is waiting for it (a blocking call);
 otherwise it is kept until a client fetches it by id (non-blocking calls,
@@ -18,13 +18,12 @@ between socket events with a back-off: nothing blocks, nothing spins.
 """
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import fabric
 from . import protocol as P
@@ -35,6 +34,9 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0
 EARLY_FAILURE_AFTER = 1.0
+#: A result part up to this size is joined into one buffer (cheaper to send and MAC
+#: than many small ones); a larger one goes out as the engines' buffers.
+SMALL_PART = 64 * 1024
 
 
 @dataclass
@@ -47,10 +49,8 @@ class Command:
     req: Any
     deliver: bool
     description: str
-    state: str = "sizes"
-    reqs: List[Any] = field(default_factory=list)
-    bufs: List[Any] = field(default_factory=list)
-    sizes: List[Tuple[int, int]] = field(default_factory=list)
+    replies: Dict[int, Tuple[Any, Any]] = field(default_factory=dict)  # engine: blobs
+    reqs: List[Any] = field(default_factory=list)  # large replies' blobs still arriving
     partial: Dict[str, dict] = field(default_factory=dict)
     t0: float = field(default_factory=time.monotonic)
     interrupted: bool = False  # the user asked: its KeyboardInterrupts are no news
@@ -77,10 +77,10 @@ class Controller:
         self.poll_cap = poll_cap
         self.seq = 0
         self.sends: List[Tuple[List[Any], List[Any]]] = []
-        self.upq: Dict[Tuple[int, ...], Deque[Command]] = {}
+        self.arrived: List[Command] = []  # every reply in; large blobs may still arrive
         self.running: Dict[str, Command] = {}
         self.by_seq: Dict[int, Command] = {}
-        self.queues: List[Deque[str]] = [collections.deque() for _ in range(self.n)]
+        self.queues: List[Dict[int, str]] = [{} for _ in range(self.n)]  # seq: description
         self.stored: Dict[str, Stored] = {}
         self.waiters: Dict[str, Tuple[Conn, Any]] = {}
         self.stopping = False
@@ -152,18 +152,33 @@ class Controller:
             progressed = len(self.sends) != before
         if self.stack_reqs or self.running:
             progressed |= self._collect_ctl()
-        for targets, q in self.upq.items():
-            while q and fabric.test(q[0].reqs):
-                progressed = True
-                cmd = q[0]
-                if cmd.state == "sizes":
-                    self._post_blobs(cmd, targets)
-                else:
-                    q.popleft()
-                    self._complete(cmd)
-                    if q:
-                        self._post_sizes(q[0], targets)
+        if self.running:
+            progressed |= self._collect_replies()
         return progressed
+
+    def _collect_replies(self) -> bool:
+        got = False
+        for engine, seq, meta, data, reqs in self.world.recv_replies():
+            got = True
+            cmd = self.by_seq.get(seq)
+            if cmd is None or engine not in cmd.targets or engine in cmd.replies:
+                log.error("engine %d sent a reply to command %d, which it was not "
+                          "running; ignored", engine, seq)
+                continue
+            cmd.replies[engine] = (meta, data)
+            cmd.reqs += reqs
+            if len(cmd.replies) == len(cmd.targets):
+                self.arrived.append(cmd)
+        if self.arrived:
+            waiting = []
+            for cmd in self.arrived:
+                if fabric.test(cmd.reqs):
+                    self._complete(cmd)
+                    got = True
+                else:
+                    waiting.append(cmd)
+            self.arrived = waiting
+        return got
 
     # --- requests ------------------------------------------------------------------------
     def _on_frame(self, conn: Conn, frame: P.Frame) -> None:
@@ -219,7 +234,7 @@ class Controller:
         engine_meta.update(op=frame.kind, targets=list(targets),
                            parts=[len(p) for p in parts], seq=self.seq)
         reqs, keep = self._send_header(engine_meta)
-        down, _up = self.world.group(targets)
+        down = self.world.group(targets)
         reqs += self.world.bcast_parts(down, parts)
         if scatter is not None:
             reqs.append(self.world.scatterv(down, scatter, counts))
@@ -231,11 +246,7 @@ class Controller:
         self.running[result_id] = cmd
         self.by_seq[cmd.seq] = cmd
         for t in targets:
-            self.queues[t].append(description)
-        q = self.upq.setdefault(targets, collections.deque())
-        q.append(cmd)
-        if len(q) == 1:
-            self._post_sizes(cmd, targets)
+            self.queues[t][cmd.seq] = description
 
     def _send_header(self, meta: dict) -> Tuple[List[Any], List[Any]]:
         sent = self.world.send_header(json.dumps(meta).encode())
@@ -243,25 +254,18 @@ class Controller:
             self.bells.ring()  # after: a woken engine finds its header there
         return sent
 
-    def _post_sizes(self, cmd: Command, targets: Tuple[int, ...]) -> None:
-        req, buf = self.world.gather_sizes(self.world.group(targets)[1])
-        cmd.state, cmd.reqs, cmd.bufs = "sizes", [req], [buf]
-
-    def _post_blobs(self, cmd: Command, targets: Tuple[int, ...]) -> None:
-        up = self.world.group(targets)[1]
-        cmd.sizes = self.world.read_sizes(cmd.bufs[0])
-        r1, metas = self.world.gatherv(up, [m for m, _ in cmd.sizes])
-        r2, datas = self.world.gatherv(up, [d for _, d in cmd.sizes])
-        cmd.state, cmd.reqs, cmd.bufs = "blobs", [r1, r2], [metas, datas]
-
     def _complete(self, cmd: Command) -> None:
         del self.running[cmd.result_id]
         del self.by_seq[cmd.seq]
         for t in cmd.targets:
-            self.queues[t].popleft()
+            del self.queues[t][cmd.seq]
+        blobs = [cmd.replies[t] for t in cmd.targets]
+        sizes = [[memoryview(m).nbytes, memoryview(d).nbytes] for m, d in blobs]
         meta = {"result_id": cmd.result_id, "op": cmd.op, "engines": list(cmd.targets),
-                "sizes": [list(s) for s in cmd.sizes]}
-        result = Stored(meta, cmd.bufs)
+                "sizes": sizes}
+        # Two parts, each the engines' blobs back to back (sent as they are: a part
+        # may be a list of buffers); the client splits them by ``sizes``.
+        result = Stored(meta, [_part([m for m, _ in blobs]), _part([d for _, d in blobs])])
         waiter = self.waiters.pop(cmd.result_id, None)
         if waiter is not None and not waiter[0].closed:
             self._deliver(waiter[0], waiter[1], result)
@@ -271,7 +275,7 @@ class Controller:
             self.stored[cmd.result_id] = result
 
     def _deliver(self, conn: Conn, req: Any, result: Stored) -> None:
-        size = sum(memoryview(p).nbytes for p in result.parts)
+        size = sum(P.part_size(p) for p in result.parts)
         if conn.max_reply is not None and size > conn.max_reply:
             rid = result.meta["result_id"]
             self.stored[rid] = result  # nothing is lost: a client that takes it may fetch it
@@ -303,8 +307,11 @@ class Controller:
         self._reply(conn, frame, engines=self.engines, n_engines=self.n)
 
     def _queue_status(self, conn: Conn, frame: P.Frame) -> None:
-        status = [[i, {"pending": q[0] if q else None, "queue": list(q)[1:]}]
-                  for i, q in enumerate(self.queues)]
+        status = []
+        for i, q in enumerate(self.queues):
+            waiting = list(q.values())  # in command order (dicts keep insertion order)
+            status.append([i, {"pending": waiting[0] if waiting else None,
+                               "queue": waiting[1:]}])
         self._reply(conn, frame, status=status)
 
     def _fetch(self, conn: Conn, frame: P.Frame) -> None:
@@ -452,6 +459,13 @@ class Controller:
 
     def _close(self, conn: Conn, frame: P.Frame) -> None:
         self.server.close(conn)
+
+
+def _part(bufs: List[Any]) -> Any:
+    """One frame part made of ``bufs``: small ones joined, large ones left as they are."""
+    if sum(memoryview(b).nbytes for b in bufs) <= SMALL_PART:
+        return b"".join(bufs)
+    return bufs
 
 
 def _write_note(path: str, note: dict) -> None:

@@ -45,9 +45,6 @@ STREAM_AFTER = 0.2
 STREAM_EVERY = 0.2
 #: Replies up to this size also go early to the controller, for partial results.
 PARTIAL_MAX = 64 * 1024
-#: A reply up to this size leaves at once (MPI sends it eagerly): wait for it by
-#: yielding the core; a larger one leaves at the controller's pace.
-SMALL_REPLY = 64 * 1024
 
 
 class EngineRank:
@@ -119,8 +116,10 @@ class EngineRank:
         reply leaves at once; a large one as fast as the controller takes it.
         """
         meta, data = reply
-        reqs, _keep = self.world.send_reply(self.world.group(cmd.targets)[1], meta, data)
-        if memoryview(meta).nbytes + memoryview(data).nbytes <= SMALL_REPLY:
+        reqs, _keep = self.world.send_reply(cmd.meta["seq"], meta, data)
+        if memoryview(meta).nbytes + memoryview(data).nbytes <= fabric.INLINE_REPLY:
+            # One message that leaves at once (a larger reply leaves at the
+            # controller's pace): wait for it by yielding the core.
             spin = time.monotonic() + fabric.SPIN_AFTER_PROGRESS  # it leaves in microseconds
             while not fabric.test(reqs) and time.monotonic() < spin:
                 os.sched_yield()
@@ -279,7 +278,7 @@ class EngineRank:
                                              "busy": self.current is not None,
                                              "stack": main_stack(self.current is not None)}).encode())
             return False
-        down, _up = self.world.group(targets)
+        down = self.world.group(targets)
         cmd = Command(op, meta, targets)
         cmd.reqs, cmd.parts = self.world.recv_parts(down, meta.get("parts", []))
         counts = meta.get("counts")

@@ -11,16 +11,20 @@ Communicators (``world`` is ``COMM_WORLD``; rank 0 is the controller, rank
                outnumber cores), so all engines see every command in one global order
     down[T]    controller + the engines of target set T: the command's payload
                (Ibcast of each part, Iscatterv of a scatter)
-    up[T]      controller + T: each engine's reply, as Igather of sizes, then
-               Igatherv of the meta blobs and of the data blobs
+    rep        a dup of world: each engine's replies to the controller, point to
+               point, in the order the engine ran the commands. A small reply is
+               one message (envelope + blobs); a large one is its envelope, then
+               its meta blob and its data blob as messages of their own, received
+               straight into their final buffers
+    ctl        a dup of world: the engines' own small messages (live output,
+               stacks, early notes)
 
-Down and up traffic use separate communicators because an engine receives
-command k+1's payload while it still runs command k: on one communicator the
-collectives would be started in a different order on the controller and on the
-engines. Per-target-set communicators let commands to disjoint engines overlap
-(a gather over all engines would wait for the busiest one). Within each
-communicator every member starts collectives in command order, which is the
-order the controller broadcast the headers in.
+Per-target-set communicators let commands to disjoint engines overlap; within
+each, every member starts collectives in command order, which is the order the
+controller sent the headers in. Replies go point to point rather than as a
+gather: no engine waits for another to pass a reply on (ranks outnumber cores),
+a small reply leaves as soon as it is sent, and the controller takes each as it
+arrives.
 
 Nothing here blocks in MPI while idle: callers poll requests with ``test``
 and sleep with :class:`Backoff` (a blocking MPI wait burns a whole core).
@@ -44,7 +48,11 @@ from mpi4py import MPI  # noqa: E402  (rc must be set before the import initiali
 
 HDR_SIZE = 1024
 _HDR_LEN = struct.Struct("!I")
-_SIZES = struct.Struct("!QQ")
+#: A reply's envelope: the command's seq, the meta blob's and the data blob's sizes.
+_ENVELOPE = struct.Struct("!QQQ")
+#: Replies up to this size (both blobs) travel inside their envelope, copied once.
+INLINE_REPLY = 64 * 1024
+TAG_ENVELOPE, TAG_META, TAG_DATA = 0, 1, 2
 
 Requests = List[Any]
 
@@ -123,9 +131,9 @@ class World:
         self.hdr = world.Dup()
         self.parent = world.Dup()
         self.ctl = world.Dup()
+        self.rep = world.Dup()
         self.all = tuple(range(self.n_engines))
-        self._groups: Dict[Tuple[int, ...], Tuple[Any, Any]] = {
-            self.all: (world.Dup(), world.Dup())}
+        self._groups: Dict[Tuple[int, ...], Any] = {self.all: world.Dup()}
         color = MPI.UNDEFINED if self.is_controller else 0
         user = world.Split(color, self.rank)
         self.user = EngineComm(user) if user != MPI.COMM_NULL else user
@@ -153,18 +161,18 @@ class World:
     def known(self, targets: Tuple[int, ...]) -> bool:
         return targets in self._groups
 
-    def group(self, targets: Tuple[int, ...]) -> Tuple[Any, Any]:
-        """Return (down, up) for a target set, creating them the first time.
+    def group(self, targets: Tuple[int, ...]) -> Any:
+        """Return the payload communicator of a target set, creating it the first time.
 
         Collective over the controller and the engines in ``targets`` only.
         """
-        comms = self._groups.get(targets)
-        if comms is None:
+        comm = self._groups.get(targets)
+        if comm is None:
             grp = self.world.Get_group().Incl([0] + [t + 1 for t in targets])
-            comms = (self.parent.Create_group(grp, tag=1), self.parent.Create_group(grp, tag=2))
+            comm = self.parent.Create_group(grp, tag=1)
             grp.Free()
-            self._groups[targets] = comms
-        return comms
+            self._groups[targets] = comm
+        return comm
 
     # --- headers (controller sends, every engine receives) --------------------------
     def send_header(self, meta: bytes) -> Tuple[Requests, List[Any]]:
@@ -205,20 +213,33 @@ class World:
         displs = _displacements(counts)
         return down.Iscatterv([buf, (counts, displs), MPI.BYTE], MPI.IN_PLACE, root=0)
 
-    def gather_sizes(self, up: Any) -> Tuple[Any, bytearray]:
-        buf = bytearray(_SIZES.size * up.Get_size())
-        return up.Igather(MPI.IN_PLACE, [buf, MPI.BYTE], root=0), buf
+    def recv_replies(self, limit: int = 256) -> List[Tuple[int, int, Any, Any, Requests]]:
+        """Take the replies that have arrived, oldest first per engine.
 
-    @staticmethod
-    def read_sizes(buf: bytearray) -> List[Tuple[int, int]]:
-        n = len(buf) // _SIZES.size
-        return [_SIZES.unpack_from(buf, i * _SIZES.size) for i in range(1, n)]
-
-    def gatherv(self, up: Any, counts: Sequence[int]) -> Tuple[Any, bytearray]:
-        buf = alloc(sum(counts))
-        full = [0] + list(counts)
-        req = up.Igatherv(MPI.IN_PLACE, [buf, (full, _displacements(full)), MPI.BYTE], root=0)
-        return req, buf
+        Returns (engine id, seq, meta blob, data blob, requests): a large reply's
+        blobs are still arriving into their buffers until its requests complete.
+        """
+        out = []
+        status = MPI.Status()
+        for _ in range(limit):
+            msg = self.rep.Improbe(MPI.ANY_SOURCE, TAG_ENVELOPE, status)
+            if msg is None:
+                break
+            source = status.Get_source()
+            buf = bytearray(status.Get_count(MPI.BYTE))
+            msg.Recv([buf, MPI.BYTE])
+            seq, m, d = _ENVELOPE.unpack_from(buf, 0)
+            if m + d <= INLINE_REPLY:
+                view = memoryview(buf)
+                start = _ENVELOPE.size
+                out.append((source - 1, seq, view[start:start + m],
+                            view[start + m:start + m + d], []))
+            else:
+                meta, data = alloc(m), alloc(d)
+                reqs = [self.rep.Irecv([meta, MPI.BYTE], source=source, tag=TAG_META),
+                        self.rep.Irecv([data, MPI.BYTE], source=source, tag=TAG_DATA)]
+                out.append((source - 1, seq, meta, data, reqs))
+        return out
 
     # --- payload, engine side --------------------------------------------------------
     def recv_parts(self, down: Any, lengths: Sequence[int]) -> Tuple[Requests, List[bytearray]]:
@@ -244,12 +265,17 @@ class World:
         msg.Recv([buf, MPI.BYTE])
         return status.Get_source() - 1, bytes(buf)
 
-    def send_reply(self, up: Any, meta: Any, data: Any) -> Tuple[Requests, List[Any]]:
-        m, d = memoryview(meta), memoryview(data)
-        sizes = bytearray(_SIZES.pack(m.nbytes, d.nbytes))
-        return [up.Igather([sizes, MPI.BYTE], None, root=0),
-                up.Igatherv([m, MPI.BYTE], None, root=0),
-                up.Igatherv([d, MPI.BYTE], None, root=0)], [sizes, meta, data]
+    def send_reply(self, seq: int, meta: Any, data: Any) -> Tuple[Requests, List[Any]]:
+        """Send this engine's reply to command ``seq`` (engine side); keep the buffers
+        until the requests complete."""
+        m, d = memoryview(meta).cast("B"), memoryview(data).cast("B")
+        envelope = _ENVELOPE.pack(seq, m.nbytes, d.nbytes)
+        if m.nbytes + d.nbytes <= INLINE_REPLY:
+            whole = b"".join((envelope, m, d))
+            return [self.rep.Isend([whole, MPI.BYTE], dest=0, tag=TAG_ENVELOPE)], [whole]
+        return [self.rep.Isend([envelope, MPI.BYTE], dest=0, tag=TAG_ENVELOPE),
+                self.rep.Isend([m, MPI.BYTE], dest=0, tag=TAG_META),
+                self.rep.Isend([d, MPI.BYTE], dest=0, tag=TAG_DATA)], [envelope, meta, data]
 
 
 class EngineComm(MPI.Intracomm):

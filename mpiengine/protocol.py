@@ -165,8 +165,19 @@ class Frame:
 STREAM_SLICE = 1 << 20
 
 
+def part_size(part: Any) -> int:
+    """Bytes of a frame part: a buffer, or a list of buffers sent back to back."""
+    if isinstance(part, list):
+        return sum(memoryview(b).nbytes for b in part)
+    return memoryview(part).nbytes
+
+
 class Sender:
-    """Turn frames into authenticated byte chunks (no copy of the parts)."""
+    """Turn frames into authenticated byte chunks (no copy of the parts).
+
+    A part may be given as a list of buffers: it is sent as their concatenation
+    (one part on the wire), without joining them first.
+    """
 
     def __init__(self, session_key: bytes) -> None:
         self.key = session_key
@@ -174,19 +185,20 @@ class Sender:
 
     def stream(self, kind: int, meta: dict, parts: Sequence[Any] = ()) -> "Outgoing":
         """Return the frame as an :class:`Outgoing`, whose MAC is computed as it is sent."""
-        views = [memoryview(p).cast("B") if not isinstance(p, (bytes, bytearray)) else p
-                 for p in parts]
-        if len(views) > MAX_PARTS:
-            raise ValueError(f"a frame holds at most {MAX_PARTS} parts, got {len(views)}")
+        if len(parts) > MAX_PARTS:
+            raise ValueError(f"a frame holds at most {MAX_PARTS} parts, got {len(parts)}")
         meta_b = json.dumps(meta, separators=(",", ":")).encode()
         if len(meta_b) > MAX_META:
             raise ValueError(f"frame metadata of {len(meta_b)} bytes exceeds {MAX_META}")
-        head = HEADER.pack(MAGIC, kind, 0, len(views), self.seq, len(meta_b))
-        head += b"".join(LENGTH.pack(len(v) if isinstance(v, (bytes, bytearray)) else v.nbytes)
-                         for v in views)
+        head = HEADER.pack(MAGIC, kind, 0, len(parts), self.seq, len(meta_b))
+        head += b"".join(LENGTH.pack(part_size(p)) for p in parts)
+        pieces: List[Any] = [head, meta_b]
+        for p in parts:
+            for b in (p if isinstance(p, list) else [p]):
+                pieces.append(b if isinstance(b, (bytes, bytearray)) else memoryview(b).cast("B"))
         mac = _frame_mac(self.key, self.seq)
         self.seq += 1
-        return Outgoing(mac, [head, meta_b, *views])
+        return Outgoing(mac, pieces)
 
     def encode(self, kind: int, meta: dict, parts: Sequence[Any] = ()) -> List[Any]:
         """Return the whole frame as chunks: header, meta, each part, tag."""

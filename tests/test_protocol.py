@@ -263,6 +263,18 @@ def test_non_bytes_parts_are_sent_without_copy_and_by_byte_length():
     assert bytes(frame.parts[1]) == b"xyz"
 
 
+def test_a_part_given_as_a_list_of_buffers_is_their_concatenation_without_a_copy():
+    np = pytest.importorskip("numpy")
+    sender, parser = session()
+    pieces = [np.arange(5, dtype=np.float64), memoryview(b"ab"), b"", bytearray(b"cde")]
+    chunks = sender.encode(P.RESULT, {"sizes": [1]}, [b"head", pieces])
+    assert any(isinstance(c, memoryview) and c.obj is pieces[0] for c in chunks)
+    (frame,) = feed(parser, wire(chunks), random.Random(3), max_chunk=7)
+    assert bytes(frame.parts[0]) == b"head"
+    assert bytes(frame.parts[1]) == pieces[0].tobytes() + b"abcde"
+    assert P.part_size(pieces) == 45 and P.part_size(b"head") == 4
+
+
 def test_many_frames_in_sequence_in_one_stream():
     sender, parser = session()
     sent = [(P.EXECUTE, {"i": i}, [bytes([i]) * i]) for i in range(20)]

@@ -431,6 +431,20 @@ def test_scatter_gather_numpy(mec):
     np.testing.assert_array_equal(g, v)
 
 
+def test_large_and_small_replies_in_one_result(mec):
+    """Replies over 64 KiB travel as separate messages, smaller ones inline; a result
+    mixes both, and a gathered array's large pieces still join without a copy."""
+    np = pytest.importorskip("numpy")
+    mec.execute("import numpy\nx = numpy.arange(200_000.0 if comm.rank % 2 == 0 else 3.0)")
+    got = mec.pull("x")
+    assert [len(g) for g in got] == [200_000, 3, 200_000, 3]
+    np.testing.assert_array_equal(got[2], np.arange(200_000.0))
+    A = np.arange(1_000_003.0)
+    mec.scatter("A", A)
+    np.testing.assert_array_equal(mec.gather("A"), A)
+    mec.execute("del x, A")
+
+
 def test_parallel_list_comprehension(mec):
     # In [66]-[69]
     assert mec.scatter("x", range(64)) == [None, None, None, None]
