@@ -21,6 +21,7 @@ ending: a fatal signal's report (``faulthandler`` writes it there) or
 """
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import hmac
 import logging
@@ -28,6 +29,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -46,12 +48,18 @@ class Bell:
         os.set_blocking(self._w, False)
         self.sock: Optional[socket.socket] = None
         self.rings = 0  # bytes read from the doorbell: one per header broadcast since
-        self._poll = select.poll()
-        self._poll.register(self._r, select.POLLIN)
+        self._lock = threading.RLock()  # two threads may sleep on it at once, briefly
+        self._fds = [self._r]            # what a sleep watches ...
+        self._local = threading.local()  # ... through a poll object per thread
+        self._version = 0
 
     def watch_fd(self, fd: int) -> None:
         """Also end sleeps when ``fd`` becomes readable (captured output)."""
-        self._poll.register(fd, select.POLLIN)
+        self._watch(fd)
+
+    def _watch(self, fd: int) -> None:
+        self._fds = self._fds + [fd]
+        self._version += 1
 
     def connect(self, addresses: Sequence[str], port: int, token: bytes, engine_id: int,
                 timeout: float = 5.0) -> bool:
@@ -63,7 +71,7 @@ class Bell:
             except OSError:
                 continue
             self.sock = sock
-            self._poll.register(sock, select.POLLIN)
+            self._watch(sock.fileno())
             # A segfault in user code (or a C extension) is reported before the
             # process dies: MPI launchers end the whole job right after.
             faulthandler.enable(file=sock.fileno(), all_threads=False)
@@ -86,13 +94,15 @@ class Bell:
             # at its work after every short nap anyway, so wake-ups can wait.
             time.sleep(seconds)
             return False
-        events = self._poll.poll(int(seconds * 1000))
+        events = self._poller().poll(int(seconds * 1000))
         if events:
+            sock = self.sock
             for fd, mask in events:
-                if self.sock is not None and fd == self.sock.fileno() and mask & (
+                if sock is not None and fd == sock.fileno() and mask & (
                         select.POLLHUP | select.POLLERR):
                     self._drop()
-            return self._drain() or bool(events)
+            self._drain([fd for fd, _mask in events])
+            return True
         return False
 
     def last_words(self, text: str, wait: float = 2.0) -> None:
@@ -117,41 +127,122 @@ class Bell:
         except (OSError, ValueError):
             pass  # closed under us: the controller is gone already
 
+    def _poller(self) -> Any:
+        """This thread's poll object (one poll object must not be used by two threads)."""
+        local = self._local
+        if getattr(local, "version", None) != self._version:
+            local.poll = select.poll()
+            for fd in self._fds:
+                local.poll.register(fd, select.POLLIN)
+            local.version = self._version
+        return local.poll
+
     @property
     def connected(self) -> bool:
         return self.sock is not None
 
-    def _drain(self) -> bool:
-        got = False
-        for fd in ([self._r] + ([self.sock.fileno()] if self.sock else [])):
-            try:
-                while True:
+    def _drain(self, ready: Sequence[int]) -> None:
+        """Read what ``poll`` found waiting on our pipe and doorbell (one read each:
+        anything left makes the next ``poll`` return at once)."""
+        with self._lock:
+            sock = self.sock
+            for fd in ready:
+                is_bell = sock is not None and fd == sock.fileno()
+                if fd != self._r and not is_bell:
+                    continue  # captured output: the caller drains it
+                try:
                     data = os.read(fd, 4096)
-                    if not data:
-                        break
-                    got = True
-                    if fd != self._r:
+                except BlockingIOError:
+                    continue  # the other thread took it
+                except OSError:
+                    self._drop()
+                    continue
+                if is_bell:
+                    if data:
                         self.rings += len(data)
-            except BlockingIOError:
-                pass
-            except OSError:
-                self._drop()
-        return got
+                    else:
+                        self._drop()  # the controller closed it: it is gone
 
     def _drop(self) -> None:
-        if self.sock is not None:
-            faulthandler.disable()
-            try:
-                self._poll.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass
-            self.sock.close()
-            self.sock = None
+        with self._lock:
+            if self.sock is not None:
+                faulthandler.disable()
+                self._fds = [fd for fd in self._fds if fd != self.sock.fileno()]
+                self._version += 1
+                self.sock.close()
+                self.sock = None
 
     def close(self) -> None:
         self._drop()
         os.close(self._r)
         os.close(self._w)
+
+
+class Alarm:
+    """A one-shot timer for one thread to sleep on, armed and disarmed by another.
+
+    An engine's main thread arms it before it runs a command and disarms it when the
+    reply has left; the listener thread, asleep on it, wakes only if the command takes
+    longer than that. A command that ends in time costs two system calls and no
+    wake-up. Linux ``timerfd``; where there is none, :meth:`arm` wakes the sleeper at
+    once (correct, one wake-up per command).
+    """
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._poll = select.poll()
+        self._poll.register(self._r, select.POLLIN)
+        self._fd = -1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.timerfd_create(time.CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
+            self._settime = libc.timerfd_settime
+        except (OSError, AttributeError):
+            return
+        if fd >= 0:
+            self._fd = fd
+            self._spec = (ctypes.c_long * 4)()  # struct itimerspec: interval, value
+            self._poll.register(fd, select.POLLIN)
+
+    def arm(self, seconds: float) -> None:
+        """Have the sleeper woken ``seconds`` from now, unless disarmed before."""
+        if self._fd < 0:
+            self.wake()
+            return
+        whole = int(seconds)
+        self._spec[2], self._spec[3] = whole, int((seconds - whole) * 1e9)
+        self._settime(self._fd, 0, self._spec, None)
+
+    def disarm(self) -> None:
+        if self._fd >= 0:
+            self._spec[2] = self._spec[3] = 0
+            self._settime(self._fd, 0, self._spec, None)
+
+    def wake(self) -> None:
+        """End the current or next sleep at once."""
+        try:
+            os.write(self._w, b"w")
+        except BlockingIOError:
+            pass
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep until the alarm rings, a wake(), or ``seconds``; True unless timed out."""
+        if not self._poll.poll(int(seconds * 1000)):
+            return False
+        for fd in (self._r, self._fd):
+            try:
+                while fd >= 0 and os.read(fd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        return True
+
+    def close(self) -> None:
+        for fd in (self._r, self._w, self._fd):
+            if fd >= 0:
+                os.close(fd)
 
 
 class BellTower:

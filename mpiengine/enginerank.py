@@ -1,19 +1,27 @@
-"""An engine rank: a listener thread that receives commands, and a main thread
-that runs them.
+"""An engine rank: a main thread that receives and runs commands, and a listener
+thread that takes over receiving while a command runs long.
 
-The listener always has a receive posted for the next command header, so it sees
-every command while the main thread is busy; it receives the payloads of the
-commands addressed to this engine and queues them, and it sends the engine's
-own control messages (live output, stacks). The main thread runs the queued
-commands one by one, in the order the controller sent them, and sends each
-reply itself, waiting until it has left before the next command may change the
-objects it points into. Keeping user code on the main thread means signals
-(interrupts) reach it, and user MPI calls on ``comm`` never mix with the
-runtime's communicators.
+Receiving means: keeping a receive posted for the next command header, acting on
+headers (interrupts, stack requests and shutdown at once; commands addressed to
+this engine get their payload receives posted and are queued), completing
+payloads, and sending the engine's own control messages (live output, stacks,
+early notes). Whichever thread holds the receiving lock does one *turn* of that.
 
-With nothing in flight the listener sleeps on its doorbell (see :mod:`doorbell`);
-while collectives are under way it polls with a back-off sleep (see
-:class:`fabric.Backoff`); the main thread blocks on a queue: neither spins.
+An idle main thread does the receiving itself, sleeping on its doorbell (see
+:mod:`doorbell`) between turns, so a command costs one wake-up, not a listener
+wake-up followed by a hand-off to the main thread. Before it runs a command it
+arms an :class:`doorbell.Alarm`, and disarms it when the reply has left: if the
+command takes longer than :data:`TAKEOVER`, the alarm wakes the listener, which
+receives for as long as the command runs, so that interrupts, stack requests and
+the next commands' payloads are seen while user code runs. A command that ends
+in time never wakes the listener.
+
+User code runs on the main thread, so signals (interrupts) reach it and user MPI
+calls on ``comm`` never mix with the runtime's communicators. The main thread
+sends each reply itself, waiting until it has left before the next command may
+change the objects it points into. Nothing spins: idle threads sleep in
+``poll(2)``; while collectives are under way, turns are spaced by a back-off
+sleep (see :class:`fabric.Backoff`).
 """
 from __future__ import annotations
 
@@ -22,17 +30,16 @@ import collections
 import json
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
 import time
 import traceback
-from typing import Any, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from . import fabric
 from .capture import FdCapture
-from .doorbell import DEEP_SLEEP, Bell
+from .doorbell import DEEP_SLEEP, Alarm, Bell
 from . import protocol as P
 from .engine import Command, Engine
 
@@ -45,6 +52,8 @@ STREAM_AFTER = 0.2
 STREAM_EVERY = 0.2
 #: Replies up to this size also go early to the controller, for partial results.
 PARTIAL_MAX = 64 * 1024
+#: The listener takes over receiving once a command has run this long.
+TAKEOVER = 0.005
 
 
 class EngineRank:
@@ -54,7 +63,8 @@ class EngineRank:
         self.engine = engine
         self.bell = bell
         self.idle_cap = idle_cap
-        self.inbox: "queue.Queue[Optional[Command]]" = queue.Queue()
+        self.alarm = Alarm()
+        self.ready: Deque[Optional[Command]] = collections.deque()  # None: shut down
         self._ctl_out: Deque[bytes] = collections.deque()
         self._stream: Deque[Tuple[int, str, str]] = collections.deque()
         self._streamed: set = set()        # seqs whose output went out live
@@ -67,9 +77,20 @@ class EngineRank:
             bell.watch_fd(fd)
         self.stopping = False
         self.current: Optional[int] = None      # seq of the command the main thread runs
+        self.busy = False                       # the main thread is running a command
         self.cancelled: set = set()             # seqs interrupted before they started
         self.main_done = threading.Event()
         self.error: Optional[BaseException] = None
+        # Receiving state, touched only under ``_receiving``.
+        self._receiving = threading.Lock()
+        self._doorbell = threading.Lock()  # held by the one thread sleeping on the bell
+        self._listener_active = False
+        self._backoff = fabric.Backoff(cap=idle_cap)
+        self._req, self._buf = world.post_header_recv()
+        self._incoming: Deque[Command] = collections.deque()
+        self._sending: List[Tuple[list, list]] = []
+        self._header_open = True
+        self._headers = 0  # received; the controller rings the doorbell once per header
 
     # --- main thread -------------------------------------------------------------------
     def run(self) -> None:
@@ -81,32 +102,55 @@ class EngineRank:
         try:
             while True:
                 try:
-                    cmd = self.inbox.get()
+                    cmd = self._next_command()
                     if cmd is None:
                         break
-                    seq = cmd.meta.get("seq")
-                    self.started = time.monotonic()
-                    self.current = seq
-                    if self.stopping:
-                        reply = self.engine.cancelled(cmd, "the cluster is shutting down")
-                    elif seq in self.cancelled:
-                        self.cancelled.discard(seq)
-                        reply = self.engine.cancelled(cmd, "interrupted before it started",
-                                                      ename="KeyboardInterrupt")
-                    else:
-                        reply = self.engine.run(cmd)
-                    self.current = None
-                    self._note_done(cmd, reply)
-                    self._send_reply(cmd, reply)
+                    self.busy = True
+                    self.alarm.arm(TAKEOVER)
+                    try:
+                        self._run(cmd)
+                    finally:
+                        self.busy = False
+                        self.alarm.disarm()
                 except KeyboardInterrupt:
                     # An interrupt that arrived just after user code ended: nothing to stop.
                     continue
         finally:
             self.main_done.set()
-            self.bell.wake()
+            self.alarm.wake()
         listener.join()
         if self.error is not None:
             raise RuntimeError("the engine's listener thread failed") from self.error
+
+    def _run(self, cmd: Command) -> None:
+        seq = cmd.meta.get("seq")
+        self.started = time.monotonic()
+        self.current = seq
+        if self.stopping:
+            reply = self.engine.cancelled(cmd, "the cluster is shutting down")
+        elif seq in self.cancelled:
+            self.cancelled.discard(seq)
+            reply = self.engine.cancelled(cmd, "interrupted before it started",
+                                          ename="KeyboardInterrupt")
+        else:
+            reply = self.engine.run(cmd)
+        self.current = None
+        self._note_done(cmd, reply)
+        self._send_reply(cmd, reply)
+
+    def _next_command(self) -> Optional[Command]:
+        """Receive until a command is ready (None: shut down), sleeping when idle."""
+        while True:
+            with self._receiving:
+                if self.ready:
+                    return self.ready.popleft()
+            if not self._doorbell.acquire(blocking=False):
+                self.bell.wake()  # the listener sleeps on it: have it hand it over
+                self._doorbell.acquire()
+            try:
+                self._turn_and_sleep()
+            finally:
+                self._doorbell.release()
 
     def _send_reply(self, cmd: Command, reply: Tuple[Any, Any]) -> None:
         """Send a command's reply, and wait until it has left.
@@ -144,61 +188,94 @@ class EngineRank:
             self.world.abort(3)
 
     def _listen(self) -> None:
-        world, me = self.world, self.engine.id
-        backoff = fabric.Backoff(cap=self.idle_cap)
-        req, buf = world.post_header_recv()
-        incoming: Deque[Command] = collections.deque()
-        sending: List[Tuple[list, list]] = []
-        header_open = True
-        headers = 0  # received; the controller rings the doorbell once per header
         while True:
-            progressed = False
-            if header_open and fabric.test([req]):
-                meta = json.loads(world.finish_header(buf, backoff))
-                headers += 1
-                progressed = True
-                if self._on_header(meta, me, incoming):
-                    header_open = False
-                else:
-                    req, buf = world.post_header_recv()
-            while incoming and fabric.test(incoming[0].reqs):
-                cmd = incoming.popleft()
-                cmd.reqs = []
-                self.inbox.put(cmd)
-                progressed = True
-            if not header_open and not incoming and not self._sentinel_sent:
-                self.inbox.put(None)
-                self._sentinel_sent = True
-            if self.current is not None:
-                self.fds.drain()  # output of C code and child processes, as it comes
-            self._flush_stream(me)
-            while self._ctl_out:
-                sending.append(world.send_ctl(self._ctl_out.popleft()))
-                progressed = True
-            if sending:
-                sending = [s for s in sending if not fabric.test(s[0])]
-            if (not header_open and self.main_done.is_set() and not sending
-                    and not incoming):
-                return
-            if progressed:
-                backoff.reset()
-                continue
-            # Sleep in the kernel with nothing in flight and every header we were
-            # rung for received (the ring may come before its header is in). The
-            # controller rings with each header, the main thread wakes us for live
-            # output and control messages, and the timeout is a safety net.
-            quiet = (not sending and not incoming and header_open and not self._stream
-                     and headers >= self.bell.rings)
-            if quiet and self.bell.connected:
-                woke = self.bell.sleep(DEEP_SLEEP)
+            if self.main_done.is_set():
+                # Shut down: finish sending what is queued, then end.
+                with self._receiving:
+                    if not self._header_open and not self._sending and not self._incoming:
+                        return
+                with self._doorbell:
+                    self._turn_and_sleep()
+            elif not self.busy:
+                # The main thread receives while it is idle: sleep until a command has
+                # run for TAKEOVER (the alarm), or until the main thread ends.
+                self._listener_active = False
+                self.alarm.sleep(DEEP_SLEEP)
+            elif self._doorbell.acquire(blocking=False):
+                self._listener_active = True
+                try:
+                    self._turn_and_sleep(lambda: self.busy or self.main_done.is_set())
+                finally:
+                    self._doorbell.release()
             else:
-                delay = backoff.next_delay()
+                time.sleep(0.001)  # the main thread is just leaving its sleep
+
+    # --- receiving (whichever thread holds the lock) ---------------------------------------
+    def _turn_and_sleep(self, still_mine: Optional[Callable[[], bool]] = None) -> None:
+        """One turn of receiving; then, if it made no progress, sleep until there may be.
+
+        The caller holds ``_doorbell``: only one thread sleeps on the doorbell and
+        reads its rings at a time, so the rings counted here cannot change between
+        the check that all is quiet and the sleep. ``still_mine`` (the listener's)
+        says whether receiving is still this thread's job.
+        """
+        with self._receiving:
+            if still_mine is not None and not still_mine():
+                return
+            # With nothing in flight and every header we were rung for received, a
+            # turn would find nothing new: sleep first (a ring already waiting ends
+            # the sleep at once). A running command's captured output needs turns.
+            if not (self._quiet() and self.current is None) and self._turn():
+                self._backoff.reset()
+                return
+            # Sleep in the kernel when quiet (the ring may come before its header is
+            # in). The controller rings with each header, user code's output wakes
+            # the listener, and the timeout is a safety net.
+            if self._quiet() and self.bell.connected:
+                delay = DEEP_SLEEP
+            else:
+                delay = self._backoff.next_delay()
                 if self._stream:  # wake in time for the next chunk of live output
                     due = max(self.started + STREAM_AFTER, self._last_flush + STREAM_EVERY)
                     delay = max(0.0, min(delay, due - time.monotonic()))
-                woke = self.bell.sleep(delay)
-            if woke:
-                backoff.reset()
+        if self.bell.sleep(delay):
+            self._backoff.reset()
+
+    def _quiet(self) -> bool:
+        """Nothing in flight, nothing to send, and every header we were rung for in."""
+        return (not self._sending and not self._incoming and self._header_open
+                and not self._stream and not self._ctl_out
+                and self._headers >= self.bell.rings)
+
+    def _turn(self) -> bool:
+        """Receive and send what can be now; return True if anything happened."""
+        world, me = self.world, self.engine.id
+        progressed = False
+        if self._header_open and fabric.test([self._req]):
+            meta = json.loads(world.finish_header(self._buf, self._backoff))
+            self._headers += 1
+            progressed = True
+            if self._on_header(meta, me):
+                self._header_open = False
+            else:
+                self._req, self._buf = world.post_header_recv()
+        while self._incoming and fabric.test(self._incoming[0].reqs):
+            cmd = self._incoming.popleft()
+            cmd.reqs = []
+            self.ready.append(cmd)
+            progressed = True
+        if not self._header_open and not self._incoming and not self._sentinel_sent:
+            self.ready.append(None)
+            self._sentinel_sent = True
+        if self.current is not None:
+            self.fds.drain()  # output of C code and child processes, as it comes
+        self._flush_stream(me)
+        while self._ctl_out:
+            self._sending.append(world.send_ctl(self._ctl_out.popleft()))
+            progressed = True
+        if self._sending:
+            self._sending = [s for s in self._sending if not fabric.test(s[0])]
+        return progressed
 
     _sentinel_sent = False
 
@@ -219,15 +296,14 @@ class EngineRank:
         if memoryview(meta).nbytes + memoryview(data).nbytes <= PARTIAL_MAX:
             note["blob"] = [base64.b64encode(bytes(meta)).decode(),
                             base64.b64encode(bytes(data)).decode()]
-        self._ctl_out.append(json.dumps(note).encode())
-        self.bell.wake()
+        self._ctl_out.append(json.dumps(note).encode())  # sent by the next turn
 
     # --- live output ---------------------------------------------------------------------
     def _sink(self, name: str, text: str) -> None:
         """Main thread: user code wrote ``text``; the listener decides when it goes out."""
         was_empty = not self._stream
         self._stream.append((self.current, name, text))
-        if was_empty:
+        if was_empty and self._listener_active:
             self.bell.wake()
 
     def _flush_stream(self, me: int) -> None:
@@ -256,7 +332,7 @@ class EngineRank:
         if chunks:
             self._last_flush = now
 
-    def _on_header(self, meta: dict, me: int, incoming: Deque[Command]) -> bool:
+    def _on_header(self, meta: dict, me: int) -> bool:
         """Handle one command header; return True if it was the shutdown command."""
         op = meta["op"]
         targets = tuple(meta["targets"])
@@ -285,7 +361,7 @@ class EngineRank:
         if counts is not None:
             r, cmd.piece = self.world.recv_scatter(down, counts[targets.index(me)])
             cmd.reqs.append(r)
-        incoming.append(cmd)
+        self._incoming.append(cmd)
         return False
 
 

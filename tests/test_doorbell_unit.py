@@ -150,3 +150,45 @@ def test_an_end_without_words_says_the_process_ended():
     assert doorbell.why_ended("Fatal Python error: ") == "it crashed (a fatal signal)"
     assert doorbell.why_ended("Fatal Python error: Aborted\n\nStack (most recent call "
                                "first):\n  File \"x.py\", li") == "it crashed (Aborted)"
+
+
+def test_an_alarm_wakes_its_sleeper_only_if_not_disarmed_in_time():
+    alarm = doorbell.Alarm()
+    try:
+        t = time.monotonic()
+        alarm.arm(0.05)
+        assert alarm.sleep(2.0) is True
+        assert 0.04 <= time.monotonic() - t < 1.0
+
+        alarm.arm(0.05)
+        alarm.disarm()
+        t = time.monotonic()
+        assert alarm.sleep(0.2) is False  # disarmed in time: the sleeper is never woken
+        assert time.monotonic() - t >= 0.15
+
+        alarm.arm(0.01)
+        time.sleep(0.05)
+        alarm.disarm()  # rang, but nobody slept: disarming forgets it
+        assert alarm.sleep(0.1) is False
+
+        threading.Timer(0.05, alarm.wake).start()
+        assert alarm.sleep(2.0) is True
+    finally:
+        alarm.close()
+
+
+def test_two_threads_may_sleep_on_one_bell_and_both_wake():
+    bell = doorbell.Bell()
+    woke: List[bool] = []
+    try:
+        threads = [threading.Thread(target=lambda: woke.append(bell.sleep(5.0)))
+                   for _ in range(2)]
+        for th in threads:
+            th.start()
+        time.sleep(0.1)
+        bell.wake()
+        for th in threads:
+            th.join(5)
+        assert woke == [True, True]
+    finally:
+        bell.close()
