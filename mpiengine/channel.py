@@ -147,26 +147,36 @@ class Channel:
     # --- receiving ---------------------------------------------------------------------
     def _read_loop(self) -> None:
         try:
+            stage = memoryview(bytearray(P.STAGE))
             while True:
                 view = self.parser.want()
+                if len(view) < P.STAGE:
+                    view = stage  # a small frame (or several) in one recv
                 n = self._recv_into(view)
                 if n is None:
                     continue
                 if n == 0:
                     raise EOFError("the controller closed the connection")
-                frame = self.parser.advance(n)
-                if frame is None:
-                    continue
-                req = frame.meta.get("req")
-                if req is None:
-                    if self.on_event is not None:
-                        self.on_event(frame)
-                    continue
-                with self._cond:
-                    self._replies[req] = frame
-                    self._cond.notify_all()
+                if view is stage:
+                    frames = self.parser.feed(stage[:n])
+                else:
+                    frame = self.parser.advance(n)
+                    frames = [frame] if frame is not None else []
+                for frame in frames:
+                    self._file(frame)
         except BaseException as e:  # noqa: B902 - every way out must wake the waiters
             self._fail(self._lost_note() or e)
+
+    def _file(self, frame: P.Frame) -> None:
+        """Hand a received frame to whoever waits for it (or to the event callback)."""
+        req = frame.meta.get("req")
+        if req is None:
+            if self.on_event is not None:
+                self.on_event(frame)
+            return
+        with self._cond:
+            self._replies[req] = frame
+            self._cond.notify_all()
 
     def _lost_note(self) -> Optional[ClusterLost]:
         """The controller's note on a dead engine, when its LOST event did not arrive

@@ -160,6 +160,10 @@ class Frame:
         return f"<Frame {kind_name(self.kind)} meta={self.meta!r} parts={sizes}>"
 
 
+#: Readers receive into a staging buffer of this size while the parser wants fewer
+#: bytes (headers, metadata, small parts), and straight into the part otherwise.
+STAGE = 64 * 1024
+
 #: Large parts are MACed and sent in slices of this size, so that the MAC of one
 #: slice overlaps the transfer of the previous one (the tag still comes last).
 STREAM_SLICE = 1 << 20
@@ -284,6 +288,23 @@ class FrameParser:
             if frame is not None or self._stage == "header":
                 return frame
         return None
+
+    def feed(self, data: Any) -> List[Frame]:
+        """Take bytes received into a buffer of the caller's; return the frames they
+        complete. Readers receive small stages this way (one ``recv`` can bring a whole
+        small frame, or several) and large parts straight into :meth:`want`."""
+        frames: List[Frame] = []
+        data = memoryview(data)
+        pos = 0
+        while pos < len(data):
+            view = self.want()
+            n = min(len(view), len(data) - pos)
+            view[:n] = data[pos:pos + n]
+            pos += n
+            frame = self.advance(n)
+            if frame is not None:
+                frames.append(frame)
+        return frames
 
     def _next_stage(self) -> Optional[Frame]:
         stage, data = self._stage, self._buf

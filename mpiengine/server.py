@@ -45,6 +45,7 @@ class Conn:
         self.auth_buf = bytearray(P.AUTH_SIZE)
         self.auth_pos = 0
         self.parser: Optional[P.FrameParser] = None
+        self.stage = memoryview(bytearray(P.STAGE))
         self.sender: Optional[P.Sender] = None
         self.closed = False
         self.eof = False
@@ -79,6 +80,8 @@ class Conn:
                 view = memoryview(self.auth_buf)[self.auth_pos:]
             else:
                 view = self.parser.want()
+                if len(view) < P.STAGE:
+                    view = self.stage  # a small frame (or several) in one recv
             try:
                 n = self.sock.recv_into(view)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
@@ -96,6 +99,8 @@ class Conn:
                     self.parser = P.FrameParser(keys.recv, self.max_message)
                     self.sender = P.Sender(keys.send)
                     self.out.append(memoryview(proof))
+            elif view is self.stage:
+                frames += self.parser.feed(self.stage[:n])
             else:
                 frame = self.parser.advance(n)
                 if frame is not None:
