@@ -67,6 +67,7 @@ class Bell:
             try:
                 sock = socket.create_connection((addr, port), timeout=timeout)
                 sock.sendall(_HELLO.pack(token, engine_id))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # 1-byte writes
                 sock.setblocking(False)
             except OSError:
                 continue
@@ -285,6 +286,7 @@ class BellTower:
                 token, engine_id = _HELLO.unpack(data)
                 if not hmac.compare_digest(token, self.token):
                     raise ValueError("bad doorbell token")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # 1-byte rings
                 sock.setblocking(False)
                 self.bells[engine_id] = sock
             except (OSError, ValueError, struct.error):
