@@ -54,6 +54,9 @@ STREAM_EVERY = 0.2
 PARTIAL_MAX = 64 * 1024
 #: The listener takes over receiving once a command has run this long.
 TAKEOVER = 0.005
+#: The longest sleep of a listener with nothing to do (the alarm or the main thread
+#: wake it; this only bounds the sleep).
+LISTENER_SLEEP = 60.0
 
 
 class EngineRank:
@@ -198,9 +201,10 @@ class EngineRank:
                     self._turn_and_sleep()
             elif not self.busy:
                 # The main thread receives while it is idle: sleep until a command has
-                # run for TAKEOVER (the alarm), or until the main thread ends.
+                # run for TAKEOVER (the alarm), or until the main thread ends (it wakes
+                # us). Nothing else needs this thread: no safety-net wake-ups.
                 self._listener_active = False
-                self.alarm.sleep(DEEP_SLEEP)
+                self.alarm.sleep(LISTENER_SLEEP)
             elif self._doorbell.acquire(blocking=False):
                 self._listener_active = True
                 try:
