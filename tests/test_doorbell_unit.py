@@ -177,18 +177,29 @@ def test_an_alarm_wakes_its_sleeper_only_if_not_disarmed_in_time():
         alarm.close()
 
 
-def test_two_threads_may_sleep_on_one_bell_and_both_wake():
+def test_two_threads_may_sleep_on_one_bell_at_once():
+    """One poll object must not be used by two threads (Python raises); a Bell gives
+    each thread its own. (The engine lets one thread sleep on it at a time, but the
+    hand-over may overlap.)"""
     bell = doorbell.Bell()
     woke: List[bool] = []
+    errors: List[BaseException] = []
+
+    def sleeper() -> None:
+        try:
+            woke.append(bell.sleep(0.5))
+        except BaseException as e:  # noqa: B902 - reported by the assertion below
+            errors.append(e)
+
     try:
-        threads = [threading.Thread(target=lambda: woke.append(bell.sleep(5.0)))
-                   for _ in range(2)]
+        threads = [threading.Thread(target=sleeper) for _ in range(2)]
         for th in threads:
             th.start()
         time.sleep(0.1)
         bell.wake()
         for th in threads:
             th.join(5)
-        assert woke == [True, True]
+        assert errors == []
+        assert True in woke  # the first to look takes the wake-up
     finally:
         bell.close()
