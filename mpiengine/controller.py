@@ -1,8 +1,8 @@
-"""The controller (rank 0): turns client requests into MPI collectives and back.
+"""The controller (rank 0): turns client requests into MPI messages and back.
 
 No user code runs here and nothing is unpickled: payloads are opaque buffers
 that go from a client's socket straight into an MPI broadcast or scatter, and
-replies come back from an MPI gather straight onto the socket.
+the engines' replies go from their MPI messages straight onto the socket.
 
 For each command the controller sends a header to every engine (on ``hdr``)
 and rings their doorbells, then broadcasts the payload on the command's target
