@@ -114,6 +114,14 @@ def _die_while_blocked(c: harness.Cluster, death: str, call: str) -> Tuple[Any, 
     return err, time.monotonic() - t0, mec
 
 
+def _after(mec: Any) -> str:
+    """What the cluster says after a death that did not happen as expected."""
+    try:
+        return repr(mec.queue_status()) + " " + repr(mec.execute("pass", timeout=10))
+    except BaseException as e:  # noqa: B902 - a diagnostic: whatever it is, show it
+        return repr(e)
+
+
 def _lost_note(path: Path) -> Optional[str]:
     try:
         return str(json.loads(path.read_text())["message"])
@@ -168,7 +176,9 @@ def test_engine_death_raises_cluster_lost(fresh_cluster, death, call):
     c = fresh_cluster(2)
     pids = c.job_pids()
     err, elapsed, mec = _die_while_blocked(c, death, call)
-    assert isinstance(err, ClusterLost), f"expected ClusterLost, got {err!r}"
+    assert isinstance(err, ClusterLost), (
+        f"expected ClusterLost, got {err!r} after {elapsed:.2f} s; "
+        f"then the cluster says: {_after(mec)}")
     assert elapsed < DELAY + LOST_WITHIN, f"ClusterLost only after {elapsed:.1f} s"
     message = str(err)
     print(f"[{death} during {call}] after {elapsed:.2f} s: {message}")  # shown with -s
