@@ -4,8 +4,8 @@ An MPI rank can only learn of a message by polling, and every poll costs a
 wake-up (about 50 us of CPU on a small VM; with 32 engines on 2 cores, polling
 engines starve the ones doing the work). An engine with nothing in flight
 therefore blocks in ``poll(2)`` on a TCP connection to the controller (its
-doorbell), a pipe that its own main thread writes to when a reply is ready, and
-its captured output. Each time the controller sends a header, it then writes
+doorbell), a pipe that another of its threads writes to when it needs it awake,
+and its captured output. Each time the controller sends a header, it then writes
 one byte to every doorbell; the engines wake and poll MPI until they have
 received that header (they count rings and headers: an engine that has seen as
 many headers as it was rung for may sleep again), and the command's
@@ -29,7 +29,6 @@ import os
 import select
 import socket
 import struct
-import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -40,7 +39,11 @@ _HELLO = struct.Struct("!32sI")
 
 
 class Bell:
-    """An engine's side: sleep until rung, woken by its main thread, or timed out."""
+    """An engine's side: sleep until rung, woken by another thread, or timed out.
+
+    One thread at a time sleeps on a Bell (a poll object must not be used by two
+    threads at once); the engine hands it over under a lock.
+    """
 
     def __init__(self) -> None:
         self._r, self._w = os.pipe()
@@ -48,18 +51,12 @@ class Bell:
         os.set_blocking(self._w, False)
         self.sock: Optional[socket.socket] = None
         self.rings = 0  # bytes read from the doorbell: one per header broadcast since
-        self._lock = threading.RLock()  # two threads may sleep on it at once, briefly
-        self._fds = [self._r]            # what a sleep watches ...
-        self._local = threading.local()  # ... through a poll object per thread
-        self._version = 0
+        self._poll = select.poll()
+        self._poll.register(self._r, select.POLLIN)
 
     def watch_fd(self, fd: int) -> None:
         """Also end sleeps when ``fd`` becomes readable (captured output)."""
-        self._watch(fd)
-
-    def _watch(self, fd: int) -> None:
-        self._fds = self._fds + [fd]
-        self._version += 1
+        self._poll.register(fd, select.POLLIN)
 
     def connect(self, addresses: Sequence[str], port: int, token: bytes, engine_id: int,
                 timeout: float = 5.0) -> bool:
@@ -72,7 +69,7 @@ class Bell:
             except OSError:
                 continue
             self.sock = sock
-            self._watch(sock.fileno())
+            self._poll.register(sock, select.POLLIN)
             # A segfault in user code (or a C extension) is reported before the
             # process dies: MPI launchers end the whole job right after.
             faulthandler.enable(file=sock.fileno(), all_threads=False)
@@ -95,7 +92,7 @@ class Bell:
             # at its work after every short nap anyway, so wake-ups can wait.
             time.sleep(seconds)
             return False
-        events = self._poller().poll(int(seconds * 1000))
+        events = self._poll.poll(int(seconds * 1000))
         if events:
             sock = self.sock
             for fd, mask in events:
@@ -128,16 +125,6 @@ class Bell:
         except (OSError, ValueError):
             pass  # closed under us: the controller is gone already
 
-    def _poller(self) -> Any:
-        """This thread's poll object (one poll object must not be used by two threads)."""
-        local = self._local
-        if getattr(local, "version", None) != self._version:
-            local.poll = select.poll()
-            for fd in self._fds:
-                local.poll.register(fd, select.POLLIN)
-            local.version = self._version
-        return local.poll
-
     @property
     def connected(self) -> bool:
         return self.sock is not None
@@ -145,33 +132,33 @@ class Bell:
     def _drain(self, ready: Sequence[int]) -> None:
         """Read what ``poll`` found waiting on our pipe and doorbell (one read each:
         anything left makes the next ``poll`` return at once)."""
-        with self._lock:
-            sock = self.sock
-            for fd in ready:
-                is_bell = sock is not None and fd == sock.fileno()
-                if fd != self._r and not is_bell:
-                    continue  # captured output: the caller drains it
-                try:
-                    data = os.read(fd, 4096)
-                except BlockingIOError:
-                    continue  # the other thread took it
-                except OSError:
-                    self._drop()
-                    continue
-                if is_bell:
-                    if data:
-                        self.rings += len(data)
-                    else:
-                        self._drop()  # the controller closed it: it is gone
+        sock = self.sock
+        for fd in ready:
+            is_bell = sock is not None and fd == sock.fileno()
+            if fd != self._r and not is_bell:
+                continue  # captured output: the caller drains it
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                continue  # last_words took it
+            except OSError:
+                self._drop()
+                continue
+            if is_bell:
+                if data:
+                    self.rings += len(data)
+                else:
+                    self._drop()  # the controller closed it: it is gone
 
     def _drop(self) -> None:
-        with self._lock:
-            if self.sock is not None:
-                faulthandler.disable()
-                self._fds = [fd for fd in self._fds if fd != self.sock.fileno()]
-                self._version += 1
-                self.sock.close()
-                self.sock = None
+        if self.sock is not None:
+            faulthandler.disable()
+            try:
+                self._poll.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+            self.sock.close()
+            self.sock = None
 
     def close(self) -> None:
         self._drop()

@@ -177,29 +177,16 @@ def test_an_alarm_wakes_its_sleeper_only_if_not_disarmed_in_time():
         alarm.close()
 
 
-def test_two_threads_may_sleep_on_one_bell_at_once():
-    """One poll object must not be used by two threads (Python raises); a Bell gives
-    each thread its own. (The engine lets one thread sleep on it at a time, but the
-    hand-over may overlap.)"""
+def test_a_wake_ends_one_sleep_only():
+    """wake() ends the current or next sleep; the sleep reads it, so the one after waits."""
     bell = doorbell.Bell()
-    woke: List[bool] = []
-    errors: List[BaseException] = []
-
-    def sleeper() -> None:
-        try:
-            woke.append(bell.sleep(0.5))
-        except BaseException as e:  # noqa: B902 - reported by the assertion below
-            errors.append(e)
-
     try:
-        threads = [threading.Thread(target=sleeper) for _ in range(2)]
-        for th in threads:
-            th.start()
-        time.sleep(0.1)
         bell.wake()
-        for th in threads:
-            th.join(5)
-        assert errors == []
-        assert True in woke  # the first to look takes the wake-up
+        t = time.monotonic()
+        assert bell.sleep(2.0) is True
+        assert time.monotonic() - t < 1.0
+        t = time.monotonic()
+        assert bell.sleep(0.2) is False
+        assert time.monotonic() - t >= 0.15
     finally:
         bell.close()
