@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import traceback
+import types
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import partition, payload
@@ -117,10 +118,11 @@ class Engine:
 
     def _pack(self, reply: dict, method: str) -> Tuple[bytes, Any]:
         try:
-            return payload.pack(reply)
+            return payload.pack(reply, plain_first=True)
         except Exception as e:  # the value cannot be pickled: report it, keep the engine
             self.last_error = self.error_record(e, method)
-            return payload.pack({"ok": False, "value": None, "error": self.last_error})
+            return payload.pack({"ok": False, "value": None, "error": self.last_error},
+                                plain_first=True)
 
     def error_record(self, e: BaseException, method: str) -> dict:
         ename = type(e).__name__
@@ -162,15 +164,12 @@ class Engine:
 
     def _run_code(self, code: str, filename: str) -> None:
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-        tree = ast.parse(code, filename, "exec")
-        last = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
+        body, last = _compile(code, filename)
         self.in_user_code = True
         try:
-            exec(compile(tree, filename, "exec"), self.ns)
+            exec(body, self.ns)
             if last is not None:
-                value = eval(compile(last, filename, "eval"), self.ns)
+                value = eval(last, self.ns)
                 if value is not None:
                     print(repr(value))
         finally:
@@ -216,6 +215,39 @@ class Engine:
 
     def _ping(self, cmd: Command) -> dict:
         return {"id": self.id, "host": self.host, "pid": os.getpid()}
+
+
+#: Compiled code of recent executions, by source text: (body, last expression).
+_COMPILED: Dict[str, Tuple[types.CodeType, Optional[types.CodeType]]] = {}
+_COMPILED_MAX = 256
+
+
+def _compile(code: str, filename: str) -> Tuple[types.CodeType, Optional[types.CodeType]]:
+    """Compile a cell: its statements, and its last line apart if it is an expression
+    (whose value is shown, as in an interactive session).
+
+    Code run again and again (a loop of ``execute`` calls) is parsed once: the
+    cached code objects get this run's file name, which tracebacks show. Only
+    code without nested code objects (functions, classes, comprehensions) is
+    kept, since those carry the file name of their own.
+    """
+    hit = _COMPILED.get(code)
+    if hit is not None:
+        body, last = hit
+        return (body.replace(co_filename=filename),
+                last.replace(co_filename=filename) if last is not None else None)
+    tree = ast.parse(code, filename, "exec")
+    last_tree = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last_tree = ast.Expression(tree.body.pop().value)
+    body = compile(tree, filename, "exec")
+    last = compile(last_tree, filename, "eval") if last_tree is not None else None
+    if not any(isinstance(c, types.CodeType)
+               for co in (body, last) if co is not None for c in co.co_consts):
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.clear()
+        _COMPILED[code] = (body, last)
+    return body, last
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep

@@ -123,6 +123,21 @@ def test_traceback_shows_lines_of_earlier_cells(eng):
     assert "f(1)" in err["traceback"]
 
 
+def test_code_run_again_runs_again_under_its_own_cell_number(eng):
+    # Repeated code is compiled once (engine._compile); each run is still a run of
+    # its own, with its own cell number in tracebacks.
+    ok(ex(eng, "x = 0"))
+    for n in (2, 3, 4):
+        assert ok(ex(eng, "x += 1\nx"))["stdout"] == f"{n - 1}\n"
+    for n in (5, 6):
+        err = ex(eng, "y = 1\n1 / 0")["error"]
+        assert f"In [{n}]" in err["traceback"] and "1 / 0" in err["traceback"]
+    for n in (7, 8):  # nested code objects are compiled every time
+        ok(ex(eng, "def g():\n    return 1 / 0"))
+        err = ex(eng, "g()")["error"]
+        assert "return 1 / 0" in err["traceback"]
+
+
 def test_syntax_error(eng):
     reply = ex(eng, "def f(:\n    pass")
     assert reply["ok"] is False
@@ -222,6 +237,15 @@ def test_pull_of_an_unpicklable_value_is_an_error_record(eng):
     assert reply["error"]["method"] == "pull"
     assert "lock" in reply["error"]["evalue"]
     assert ok(pull(eng, "threading")).__name__ == "threading"  # modules pickle by reference
+
+
+def test_functions_and_classes_made_on_the_engine_come_back_by_value(eng):
+    # Replies try the standard pickler first; what it would pickle by a reference the
+    # client cannot resolve (the engine's __main__) must fall back to cloudpickle.
+    ok(ex(eng, "def f(x):\n    return x * 2\nclass P:\n    def __init__(self, v):\n"
+               "        self.v = v\np = P(3)\ng = lambda: 7"))
+    f, p, g = ok(pull(eng, "f", "p", "g"))
+    assert f(4) == 8 and p.v == 3 and type(p).__name__ == "P" and g() == 7
 
 
 def test_keys_hides_internals(eng):
