@@ -458,6 +458,7 @@ class Controller:
         self.world.abort(5)
 
     def _close(self, conn: Conn, frame: P.Frame) -> None:
+        log.debug("%r closed by the client", conn)
         self.server.close(conn)
 
 

@@ -29,7 +29,6 @@ numbers name the operations the controller sends to engines over MPI.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import os
@@ -98,7 +97,7 @@ def kind_name(kind: int) -> str:
 
 # --- handshake ---------------------------------------------------------------------
 def _mac(key: bytes, *parts: bytes) -> bytes:
-    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
+    return hmac.digest(key, b"".join(parts), "sha256")
 
 
 @dataclass
@@ -143,9 +142,37 @@ def client_check_proof(key: bytes, nonce_s: bytes, nonce_c: bytes, proof: bytes)
                        recv=_mac(key, b"s2c", nonce_s, nonce_c))
 
 
-def _frame_mac(session_key: bytes, seq: int) -> Poly1305:
+def _frame_key(session_key: bytes, seq: int) -> bytes:
     # A fresh one-time Poly1305 key per frame: HMAC(session key, seq).
-    return Poly1305(_mac(session_key, struct.pack("!Q", seq)))
+    return _mac(session_key, LENGTH.pack(seq))
+
+
+def _frame_mac(session_key: bytes, seq: int) -> Poly1305:
+    return Poly1305(_frame_key(session_key, seq))
+
+
+_JSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _check_header(magic: bytes, kind: int, seq: int, expected: int, meta_len: int) -> None:
+    if magic != MAGIC:
+        raise ProtocolError("bad frame magic: not an mpiengine frame")
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if seq != expected:
+        raise ProtocolError(f"frame sequence {seq}, expected {expected}: replayed or reordered")
+    if meta_len > MAX_META:
+        raise ProtocolError(f"frame metadata of {meta_len} bytes exceeds {MAX_META}")
+
+
+def _parse_meta(meta_b: bytes) -> dict:
+    try:
+        meta = json.loads(meta_b.decode("utf-8")) if meta_b else {}
+    except ValueError:
+        raise ProtocolError("frame metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError("frame metadata is not an object")
+    return meta
 
 
 # --- frames --------------------------------------------------------------------------
@@ -167,6 +194,10 @@ STAGE = 64 * 1024
 #: Large parts are MACed and sent in slices of this size, so that the MAC of one
 #: slice overlaps the transfer of the previous one (the tag still comes last).
 STREAM_SLICE = 1 << 20
+
+#: A frame up to this size (parts and metadata) is built as one buffer and MACed in
+#: one call: most frames are small, and for them the per-piece work is the cost.
+SMALL_FRAME = STAGE // 2
 
 
 def part_size(part: Any) -> int:
@@ -191,22 +222,29 @@ class Sender:
         """Return the frame as an :class:`Outgoing`, whose MAC is computed as it is sent."""
         if len(parts) > MAX_PARTS:
             raise ValueError(f"a frame holds at most {MAX_PARTS} parts, got {len(parts)}")
-        meta_b = json.dumps(meta, separators=(",", ":")).encode()
+        meta_b = _JSON(meta).encode()
         if len(meta_b) > MAX_META:
             raise ValueError(f"frame metadata of {len(meta_b)} bytes exceeds {MAX_META}")
+        sizes = [part_size(p) for p in parts]
         head = HEADER.pack(MAGIC, kind, 0, len(parts), self.seq, len(meta_b))
-        head += b"".join(LENGTH.pack(part_size(p)) for p in parts)
+        if sizes:
+            head += struct.pack(f"!{len(sizes)}Q", *sizes)
         pieces: List[Any] = [head, meta_b]
         for p in parts:
             for b in (p if isinstance(p, list) else [p]):
                 pieces.append(b if isinstance(b, (bytes, bytearray)) else memoryview(b).cast("B"))
-        mac = _frame_mac(self.key, self.seq)
+        key = _frame_key(self.key, self.seq)
         self.seq += 1
-        return Outgoing(mac, pieces)
+        if sum(sizes) + len(meta_b) <= SMALL_FRAME:
+            body = b"".join(pieces)
+            return Outgoing(None, [body + Poly1305.generate_tag(key, body)])
+        return Outgoing(Poly1305(key), pieces)
 
     def encode(self, kind: int, meta: dict, parts: Sequence[Any] = ()) -> List[Any]:
         """Return the whole frame as chunks: header, meta, each part, tag."""
         out = self.stream(kind, meta, parts)
+        if out.mac is None:  # a small frame: one buffer, tag included
+            return list(out.pieces)
         for piece in out.pieces:
             out.mac.update(piece)
         return [*out.pieces, out.mac.finalize()]
@@ -217,10 +255,11 @@ class Outgoing:
 
     :meth:`take` returns the next chunks (slices of large parts) after adding them
     to the MAC; the tag, last, is computed when it is reached. A sender that
-    takes, sends, and takes again overlaps the MAC with the transfer.
+    takes, sends, and takes again overlaps the MAC with the transfer. A small
+    frame comes whole, tag included, with ``mac`` None.
     """
 
-    def __init__(self, mac: Poly1305, pieces: List[Any]) -> None:
+    def __init__(self, mac: Optional[Poly1305], pieces: List[Any]) -> None:
         self.mac = mac
         self.pieces = pieces
         self._i = 0       # next piece
@@ -230,6 +269,11 @@ class Outgoing:
     def take(self, limit: int = 4 * STREAM_SLICE) -> List[memoryview]:
         """MAC and return the next chunks, about ``limit`` bytes; [] when all is out."""
         out: List[memoryview] = []
+        if self.mac is None:  # whole, tag included
+            if self._done:
+                return out
+            self._done = True
+            return [memoryview(p) for p in self.pieces]
         budget = limit
         while self._i < len(self.pieces) and budget > 0:
             piece = memoryview(self.pieces[self._i]).cast("B")
@@ -297,6 +341,12 @@ class FrameParser:
         data = memoryview(data)
         pos = 0
         while pos < len(data):
+            if self._stage == "header" and self._pos == 0:
+                whole = self._whole(data, pos)  # the common case: a whole small frame
+                if whole is not None:
+                    frames.append(whole[0])
+                    pos += whole[1]
+                    continue
             view = self.want()
             n = min(len(view), len(data) - pos)
             view[:n] = data[pos:pos + n]
@@ -306,18 +356,48 @@ class FrameParser:
                 frames.append(frame)
         return frames
 
+    def _whole(self, data: memoryview, pos: int) -> Optional[tuple]:
+        """(frame, its size) if ``data[pos:]`` starts with a whole frame, else None.
+
+        The same checks, in the same order, as the stage-by-stage path."""
+        have = len(data) - pos
+        if have < HEADER.size:
+            return None
+        magic, kind, _flags, nparts, seq, meta_len = HEADER.unpack_from(data, pos)
+        _check_header(magic, kind, seq, self.seq, meta_len)
+        body = HEADER.size + LENGTH.size * nparts
+        if have < body:
+            return None
+        lengths = struct.unpack_from(f"!{nparts}Q", data, pos + HEADER.size)
+        self._check_size(sum(lengths), meta_len)
+        size = body + meta_len + sum(lengths)
+        if have < size + TAG_SIZE:
+            return None
+        signed = data[pos:pos + size]
+        tag = bytes(data[pos + size:pos + size + TAG_SIZE])
+        try:
+            Poly1305.verify_tag(_frame_key(self.key, self.seq), signed, tag)
+        except Exception:
+            raise ProtocolError("frame failed authentication") from None
+        self.seq += 1
+        start = pos + body
+        meta = _parse_meta(bytes(data[start:start + meta_len]))
+        start += meta_len
+        parts = []
+        for n in lengths:
+            parts.append(bytearray(data[start:start + n]))
+            start += n
+        return Frame(kind, meta, parts), size + TAG_SIZE
+
+    def _check_size(self, parts: int, meta_len: int) -> None:
+        if parts + meta_len > self.max_message:
+            raise ProtocolError(f"frame of {parts} bytes exceeds the limit of {self.max_message}")
+
     def _next_stage(self) -> Optional[Frame]:
         stage, data = self._stage, self._buf
         if stage == "header":
             magic, kind, _flags, nparts, seq, meta_len = HEADER.unpack(bytes(data))
-            if magic != MAGIC:
-                raise ProtocolError("bad frame magic: not an mpiengine frame")
-            if kind not in KINDS:
-                raise ProtocolError(f"unknown frame kind {kind}")
-            if seq != self.seq:
-                raise ProtocolError(f"frame sequence {seq}, expected {self.seq}: replayed or reordered")
-            if meta_len > MAX_META:
-                raise ProtocolError(f"frame metadata of {meta_len} bytes exceeds {MAX_META}")
+            _check_header(magic, kind, seq, self.seq, meta_len)
             self._kind, self._meta_len, self._nparts = kind, meta_len, nparts
             self._mac = _frame_mac(self.key, self.seq)
             self._mac.update(bytes(data))
@@ -325,9 +405,7 @@ class FrameParser:
         elif stage == "lengths":
             self._mac.update(bytes(data))
             self._lengths = [LENGTH.unpack_from(data, i * 8)[0] for i in range(self._nparts)]
-            if sum(self._lengths) + self._meta_len > self.max_message:
-                raise ProtocolError(
-                    f"frame of {sum(self._lengths)} bytes exceeds the limit of {self.max_message}")
+            self._check_size(sum(self._lengths), self._meta_len)
             self._set(self._meta_len, "meta")
         elif stage == "meta":
             self._meta_b = bytes(data)
@@ -342,12 +420,7 @@ class FrameParser:
             except Exception:
                 raise ProtocolError("frame failed authentication") from None
             self.seq += 1
-            try:
-                meta = json.loads(self._meta_b) if self._meta_b else {}
-            except ValueError:
-                raise ProtocolError("frame metadata is not valid JSON") from None
-            if not isinstance(meta, dict):
-                raise ProtocolError("frame metadata is not an object")
+            meta = _parse_meta(self._meta_b)
             frame = Frame(self._kind, meta, self._parts)
             self._reset()
             return frame

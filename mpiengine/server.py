@@ -105,6 +105,8 @@ class Conn:
                 frame = self.parser.advance(n)
                 if frame is not None:
                     frames.append(frame)
+            if n < len(view) and not self.tls:
+                break  # the socket is empty for now (epoll says when it is not)
         return frames
 
     def send(self, kind: int, meta: dict, parts: List[Any] = ()) -> None:

@@ -48,15 +48,34 @@ def wire(chunks: Sequence) -> bytes:
     return b"".join(bytes(memoryview(c).cast("B")) for c in chunks)
 
 
+#: How ``feed`` gives bytes to the parser: "staged" through want()/advance() (large
+#: parts), "whole" through FrameParser.feed (what readers do with small frames,
+#: which parses a frame that arrived whole in one step). Every test runs both ways.
+READING = {"mode": "staged"}
+
+
+@pytest.fixture(autouse=True, params=["staged", "whole"])
+def reading(request):
+    READING["mode"] = request.param
+    yield request.param
+    READING["mode"] = "staged"
+
+
 def feed(parser: P.FrameParser, data: bytes, rng: Optional[random.Random] = None,
          max_chunk: int = 1 << 30, asked: Optional[List[int]] = None) -> List[P.Frame]:
     """Feed ``data`` into ``parser`` in chunks; return the frames it completed.
 
     ``rng`` picks chunk sizes in 1..max_chunk (never more than ``want()`` offers);
-    ``asked`` collects the size of every buffer ``want()`` offered.
+    ``asked`` collects the size of every buffer ``want()`` offered (staged only).
     """
     frames: List[P.Frame] = []
     src, pos = memoryview(data), 0
+    if READING["mode"] == "whole" and asked is None:
+        while pos < len(data):
+            n = len(data) - pos if rng is None else rng.randint(1, max_chunk)
+            frames += parser.feed(src[pos:pos + n])
+            pos += n
+        return frames
     while pos < len(data):
         view = parser.want()
         assert len(view) > 0, "want() offered an empty buffer"
@@ -254,25 +273,49 @@ def test_large_part_in_random_chunks():
 def test_non_bytes_parts_are_sent_without_copy_and_by_byte_length():
     np = pytest.importorskip("numpy")
     sender, parser = session()
-    arr = np.arange(12, dtype=np.float64).reshape(3, 4)
+    rows = P.SMALL_FRAME // 32 + 1  # a frame too large to be joined into one buffer
+    arr = np.arange(rows * 4, dtype=np.float64).reshape(rows, 4)
     chunks = sender.encode(P.PUSH, {}, [arr, memoryview(b"xyz")])
     assert any(isinstance(c, memoryview) and c.obj is arr for c in chunks)
     (frame,) = feed(parser, wire(chunks))
-    assert len(frame.parts[0]) == arr.nbytes == 96
-    assert np.array_equal(np.frombuffer(frame.parts[0], dtype=np.float64).reshape(3, 4), arr)
+    assert len(frame.parts[0]) == arr.nbytes == rows * 32
+    assert np.array_equal(np.frombuffer(frame.parts[0], dtype=np.float64).reshape(rows, 4), arr)
     assert bytes(frame.parts[1]) == b"xyz"
+
+
+def test_a_small_frame_is_one_buffer_with_its_tag_and_reads_the_same():
+    np = pytest.importorskip("numpy")
+    sender, parser = session()
+    arr = np.arange(12, dtype=np.float64).reshape(3, 4)
+    chunks = sender.encode(P.PUSH, {"a": 1}, [arr, [memoryview(b"x"), b"yz"], b""])
+    assert len(chunks) == 1  # header, metadata, parts and tag in one buffer
+    (frame,) = feed(parser, wire(chunks))
+    assert frame.meta == {"a": 1}
+    assert bytes(frame.parts[0]) == arr.tobytes() and bytes(frame.parts[1]) == b"xyz"
+    assert frame.parts[2] == bytearray()
+
+
+def test_whole_frames_and_a_partial_one_in_one_read():
+    sender, parser = session()
+    data = b"".join(wire(sender.encode(P.EXECUTE, {"i": i}, [bytes([i]) * i]))
+                    for i in range(3))
+    cut = len(data) - 5
+    frames = parser.feed(data[:cut]) + parser.feed(data[cut:])
+    assert [(f.meta["i"], bytes(f.parts[0])) for f in frames] == [
+        (i, bytes([i]) * i) for i in range(3)]
 
 
 def test_a_part_given_as_a_list_of_buffers_is_their_concatenation_without_a_copy():
     np = pytest.importorskip("numpy")
     sender, parser = session()
-    pieces = [np.arange(5, dtype=np.float64), memoryview(b"ab"), b"", bytearray(b"cde")]
+    n = P.SMALL_FRAME // 8 + 1  # a frame too large to be joined into one buffer
+    pieces = [np.arange(n, dtype=np.float64), memoryview(b"ab"), b"", bytearray(b"cde")]
     chunks = sender.encode(P.RESULT, {"sizes": [1]}, [b"head", pieces])
     assert any(isinstance(c, memoryview) and c.obj is pieces[0] for c in chunks)
-    (frame,) = feed(parser, wire(chunks), random.Random(3), max_chunk=7)
+    (frame,) = feed(parser, wire(chunks), random.Random(3), max_chunk=7000)
     assert bytes(frame.parts[0]) == b"head"
     assert bytes(frame.parts[1]) == pieces[0].tobytes() + b"abcde"
-    assert P.part_size(pieces) == 45 and P.part_size(b"head") == 4
+    assert P.part_size(pieces) == 8 * n + 5 and P.part_size(b"head") == 4
 
 
 def test_many_frames_in_sequence_in_one_stream():
@@ -361,7 +404,7 @@ def test_reflected_frame_is_refused():
 
 def test_oversized_frame_fails_on_its_lengths_before_any_part_is_read():
     ck, sk = handshake(os.urandom(32))
-    big = 10_000
+    big = P.SMALL_FRAME + 1  # sent as pieces, the header and lengths first
     chunks = P.Sender(ck.send).encode(P.PUSH, {"a": 1}, [b"x" * 10, b"y" * big])
     head = bytes(chunks[0])  # header and lengths, nothing else
     assert len(head) == P.HEADER.size + 2 * P.LENGTH.size
@@ -455,7 +498,7 @@ _garbage = st.one_of(
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=_garbage, chunk=st.integers(1, 64))
 def test_random_bytes_only_ever_raise_protocol_error(data, chunk):
     parser = P.FrameParser(_KEYS[1].recv, max_message=1 << 16)
