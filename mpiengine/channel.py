@@ -1,9 +1,12 @@
 """The client's end of the connection: handshake, frames out, replies in.
 
-A reader thread receives every frame the controller sends and files replies by
-request number; callers wait on the request they made. Socket errors never
-escape: they become :class:`ConnectError` while connecting and
-:class:`ClusterLost` afterwards.
+Frames the controller sends are filed by request number; callers wait on the
+request they made. A thread that waits reads the socket itself (one thread reads
+at a time; the others wait to be handed their reply), so a blocking call costs
+no hand-off between threads. When no call has waited for :data:`STAND_ASIDE`
+seconds, a reader thread takes over, for what comes unasked (live output, an
+engine's death). Socket errors never escape: they become :class:`ConnectError`
+while connecting and :class:`ClusterLost` afterwards.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import itertools
 import json
 import logging
 import select
+import signal
 import socket
 import ssl
 import threading
@@ -24,6 +28,12 @@ from .errors import AuthenticationError, ClusterLost, ConnectError, ProtocolErro
 
 log = logging.getLogger(__name__)
 _IOV_MAX = 512
+#: The reader thread reads only once no call has waited for this long.
+STAND_ASIDE = 0.25
+#: A waiting thread reads in slices of at most this long (Ctrl-C stays responsive).
+WAIT_SLICE = 0.25
+_SIGMASK = getattr(signal, "pthread_sigmask", None)
+_SIGINT = {signal.SIGINT}
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -86,6 +96,18 @@ class Channel:
         self.parser = P.FrameParser(keys.recv, max_message)
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
+        self._aside = threading.Condition(self._cond._lock)  # where the reader thread waits
+        self._reading = False  # a thread is reading the socket (under _cond)
+        self._waiters = 0      # threads in wait()
+        self._last_wait = 0.0  # when the last wait() ended
+        self._stage = memoryview(bytearray(P.STAGE))
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        # Ctrl-C is held off while bytes are read and parsed (see _read_some), unless
+        # the main thread blocks SIGINT already.
+        self._mask_sigint = (_SIGMASK is not None
+                             and threading.current_thread() is threading.main_thread()
+                             and signal.SIGINT not in _SIGMASK(signal.SIG_BLOCK, ()))
         self._replies: Dict[int, P.Frame] = {}
         self._reqs = itertools.count(1)
         self.broken: Optional[BaseException] = None
@@ -146,26 +168,59 @@ class Channel:
 
     # --- receiving ---------------------------------------------------------------------
     def _read_loop(self) -> None:
+        """The reader thread: read while no call waits (see the module docstring)."""
         try:
-            stage = memoryview(bytearray(P.STAGE))
             while True:
-                view = self.parser.want()
-                if len(view) < P.STAGE:
-                    view = stage  # a small frame (or several) in one recv
-                n = self._recv_into(view)
-                if n is None:
-                    continue
-                if n == 0:
-                    raise EOFError("the controller closed the connection")
-                if view is stage:
-                    frames = self.parser.feed(stage[:n])
-                else:
-                    frame = self.parser.advance(n)
-                    frames = [frame] if frame is not None else []
-                for frame in frames:
-                    self._file(frame)
+                with self._cond:
+                    while True:
+                        if self.closed or self.broken is not None:
+                            return
+                        quiet = time.monotonic() - self._last_wait
+                        if not (self._reading or self._waiters) and quiet >= STAND_ASIDE:
+                            break
+                        self._aside.wait(STAND_ASIDE)
+                    self._reading = True
+                try:
+                    self._read_some(None)
+                finally:
+                    with self._cond:
+                        self._reading = False
+                        self._cond.notify_all()
         except BaseException as e:  # noqa: B902 - every way out must wake the waiters
             self._fail(self._lost_note() or e)
+
+    def _read_some(self, timeout: Optional[float]) -> None:
+        """Wait up to ``timeout`` seconds (None: no limit) for bytes; read and file
+        what came. The caller is the one thread reading."""
+        tls_ready = self.tls and self.sock.pending()
+        if not tls_ready and not self._poll.poll(None if timeout is None else timeout * 1000):
+            if self.closed:
+                raise EOFError("client closed")
+            return
+        # From here until the frames are filed, Ctrl-C waits: an interrupt between
+        # the recv and the parse would lose bytes of the stream.
+        masked = self._mask_sigint and threading.current_thread() is threading.main_thread()
+        try:
+            if masked:
+                _SIGMASK(signal.SIG_BLOCK, _SIGINT)  # (a KeyboardInterrupt raised right
+            view = self.parser.want()
+            if len(view) < P.STAGE:
+                view = self._stage  # a small frame (or several) in one recv
+            n = self._recv_into(view)
+            if n is None:
+                return
+            if n == 0:
+                raise EOFError("the controller closed the connection")
+            if view is self._stage:
+                frames = self.parser.feed(view[:n])
+            else:
+                frame = self.parser.advance(n)
+                frames = [frame] if frame is not None else []
+            for frame in frames:
+                self._file(frame)
+        finally:
+            if masked:  # after it still lands here)
+                _SIGMASK(signal.SIG_UNBLOCK, _SIGINT)
 
     def _file(self, frame: P.Frame) -> None:
         """Hand a received frame to whoever waits for it (or to the event callback)."""
@@ -194,10 +249,6 @@ class Channel:
     def _recv_into(self, view: memoryview) -> Optional[int]:
         if not self.tls:
             return self.sock.recv_into(view)
-        if not self.sock.pending():
-            select.select([self.sock], [], [], 1.0)
-            if self.closed:
-                raise EOFError("client closed")
         with self._io_lock:
             try:
                 return self.sock.recv_into(view)
@@ -209,6 +260,7 @@ class Channel:
             if self.broken is None:
                 self.broken = e
             self._cond.notify_all()
+            self._aside.notify_all()
 
     def _check(self) -> None:
         if self.closed:
@@ -222,18 +274,42 @@ class Channel:
                 f"died; 'mpiengine status' tells which") from self.broken
 
     def wait(self, req: int, timeout: Optional[float]) -> Optional[P.Frame]:
-        """Return the reply to ``req``, or None if ``timeout`` seconds pass first."""
+        """Return the reply to ``req``, or None if ``timeout`` seconds pass first.
+
+        The caller reads the socket itself unless another thread is reading, in
+        which case it waits to be handed its reply."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while req not in self._replies:
-                if self.closed or self.broken is not None:
-                    self._check()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                # Short slices keep Ctrl-C responsive on every platform.
-                self._cond.wait(0.25 if remaining is None else min(remaining, 0.25))
-            return self._replies.pop(req)
+            self._waiters += 1
+        try:
+            while True:
+                with self._cond:
+                    if req in self._replies:
+                        return self._replies.pop(req)
+                    if self.closed or self.broken is not None:
+                        self._check()
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return None
+                    step = WAIT_SLICE if remaining is None else min(remaining, WAIT_SLICE)
+                    if self._reading:
+                        self._cond.wait(step)
+                        continue
+                    self._reading = True
+                try:
+                    self._read_some(step)
+                except BaseException as e:  # noqa: B902
+                    if isinstance(e, KeyboardInterrupt):
+                        raise  # between reads: nothing was lost
+                    self._fail(self._lost_note() or e)
+                finally:
+                    with self._cond:
+                        self._reading = False
+                        self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._waiters -= 1
+                self._last_wait = time.monotonic()
 
     def close(self) -> None:
         if self.closed:
@@ -243,7 +319,9 @@ class Channel:
                 self.request(P.CLOSE, {})
             except (ClusterLost, ValueError):
                 pass
-        self.closed = True
+        with self._cond:
+            self.closed = True
+            self._aside.notify_all()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

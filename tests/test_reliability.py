@@ -420,6 +420,35 @@ def test_two_clients_at_once_get_their_own_replies(cluster, mec):
     assert problems == []
 
 
+@pytest.mark.timeout(90)
+def test_threads_sharing_one_client_get_their_own_replies(mec):
+    """One thread at a time reads the socket for everyone (channel.Channel.wait); the
+    others must be handed their replies, whoever reads them."""
+    problems: List[str] = []
+
+    def work(tag: str) -> None:
+        try:
+            for j in range(25):
+                out = [r["stdout"] for r in mec.execute(f"print('{tag}', {j})")]
+                if out != [f"{tag} {j}\n"] * 4:
+                    problems.append(f"{tag} {j}: {out}")
+                if j % 5 == 0:  # and some non-blocking ones, fetched later
+                    pr = mec.execute(f"print('{tag}-nb', {j})", block=False)
+                    got = [r["stdout"] for r in pr.get_result(timeout=60)]
+                    if got != [f"{tag}-nb {j}\n"] * 4:
+                        problems.append(f"{tag} nb {j}: {got}")
+        except BaseException as e:  # noqa: B902 - reported by the test
+            problems.append(f"{tag}: {e!r}")
+
+    threads = [threading.Thread(target=work, args=(f"t{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(80)
+    assert not any(t.is_alive() for t in threads), "a client thread hung"
+    assert problems == []
+
+
 # == 7. the soak, quick ========================================================================
 
 @pytest.mark.timeout(120)
