@@ -249,7 +249,7 @@ class Controller:
             self.queues[t][cmd.seq] = description
 
     def _send_header(self, meta: dict) -> Tuple[List[Any], List[Any]]:
-        sent = self.world.send_header(json.dumps(meta).encode())
+        sent = self.world.send_header(meta)
         if self.bells is not None:
             self.bells.ring()  # after: a woken engine finds its header there
         return sent

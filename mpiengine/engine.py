@@ -9,7 +9,6 @@ user code never ends the engine.
 from __future__ import annotations
 
 import ast
-import contextlib
 import io
 import linecache
 import os
@@ -147,8 +146,8 @@ class Engine:
         try:
             if fds is not None:
                 fds.start(out, err)
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                self._run_code(code, f"<engine {self.id} In [{n}]>")
+            sys.stdout, sys.stderr = out, err
+            self._run_code(code, f"<engine {self.id} In [{n}]>")
         except BaseException as e:
             raise _Failed(self._fill(result, out, err, fds), e) from None
         finally:

@@ -256,7 +256,7 @@ class EngineRank:
         world, me = self.world, self.engine.id
         progressed = False
         if self._header_open and fabric.test([self._req]):
-            meta = json.loads(world.finish_header(self._buf, self._backoff))
+            meta = world.finish_header(self._buf, self._backoff)
             self._headers += 1
             progressed = True
             if self._on_header(meta, me):
