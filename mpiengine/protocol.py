@@ -151,7 +151,24 @@ def _frame_mac(session_key: bytes, seq: int) -> Poly1305:
     return Poly1305(_frame_key(session_key, seq))
 
 
-_JSON = json.JSONEncoder(separators=(",", ":")).encode
+def _json_default(obj: Any) -> Any:
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+try:  # the C encoder and scanner, made once (json.dumps/loads set them up on every call)
+    _ENCODE: Any = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, _json_default, json.encoder.encode_basestring_ascii, None, ":", ",",
+        False, False, True)
+except (AttributeError, TypeError):  # pragma: no cover - an interpreter without them
+    _ENCODE = None
+_SCAN = json.decoder.JSONDecoder().scan_once
+
+
+def _to_json(meta: dict) -> bytes:
+    """``json.dumps(meta, separators=(",", ":"))``, as bytes."""
+    if _ENCODE is None:  # pragma: no cover
+        return json.dumps(meta, separators=(",", ":")).encode()
+    return "".join(_ENCODE(meta, 0)).encode()
 
 
 def _check_header(magic: bytes, kind: int, seq: int, expected: int, meta_len: int) -> None:
@@ -167,7 +184,15 @@ def _check_header(magic: bytes, kind: int, seq: int, expected: int, meta_len: in
 
 def _parse_meta(meta_b: bytes) -> dict:
     try:
-        meta = json.loads(meta_b.decode("utf-8")) if meta_b else {}
+        text = meta_b.decode("utf-8")
+        if not text:
+            return {}
+        try:
+            meta, end = _SCAN(text, 0)
+        except StopIteration:
+            end = -1
+        if end != len(text):  # not one bare value: json.loads decides (and says why)
+            meta = json.loads(text)
     except ValueError:
         raise ProtocolError("frame metadata is not valid JSON") from None
     if not isinstance(meta, dict):
@@ -222,7 +247,7 @@ class Sender:
         """Return the frame as an :class:`Outgoing`, whose MAC is computed as it is sent."""
         if len(parts) > MAX_PARTS:
             raise ValueError(f"a frame holds at most {MAX_PARTS} parts, got {len(parts)}")
-        meta_b = _JSON(meta).encode()
+        meta_b = _to_json(meta)
         if len(meta_b) > MAX_META:
             raise ValueError(f"frame metadata of {len(meta_b)} bytes exceeds {MAX_META}")
         sizes = [part_size(p) for p in parts]
