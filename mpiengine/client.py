@@ -245,7 +245,7 @@ class MultiEngineClient:
                 shown = True
 
     def _on_event(self, frame: P.Frame) -> None:
-        """Reader thread: live output of a running command arrived."""
+        """Whichever client thread reads: live output of a running command arrived."""
         if frame.kind == P.LOST:
             self._chan._fail(ClusterLost(frame.meta.get("message", "an engine died")))
             return
