@@ -198,11 +198,12 @@ class Channel:
                 raise EOFError("client closed")
             return
         # From here until the frames are filed, Ctrl-C waits: an interrupt between
-        # the recv and the parse would lose bytes of the stream.
+        # the recv and the parse would lose bytes of the stream. (The block is inside
+        # the try: a KeyboardInterrupt raised just after it still unblocks.)
         masked = self._mask_sigint and threading.current_thread() is threading.main_thread()
         try:
             if masked:
-                _SIGMASK(signal.SIG_BLOCK, _SIGINT)  # (a KeyboardInterrupt raised right
+                _SIGMASK(signal.SIG_BLOCK, _SIGINT)
             view = self.parser.want()
             if len(view) < P.STAGE:
                 view = self._stage  # a small frame (or several) in one recv
@@ -219,7 +220,7 @@ class Channel:
             for frame in frames:
                 self._file(frame)
         finally:
-            if masked:  # after it still lands here)
+            if masked:
                 _SIGMASK(signal.SIG_UNBLOCK, _SIGINT)
 
     def _file(self, frame: P.Frame) -> None:
