@@ -23,12 +23,14 @@ _log = logging.getLogger(__name__)
 class CellOutput:
     """``on_output`` for a Jupyter kernel: live lines go to the cell now running.
 
-    The client's reader thread calls it. ipykernel picks the cell an output
-    belongs to from a per-thread parent header, and versions differ in what a
-    thread that is not the kernel's own gets: ipykernel 7 uses the latest
-    request, 6.29 the cell that started the thread (for the reader thread, the
-    ``%load_ext`` cell, so every live line would land there). So the header
-    of each cell is recorded when it starts and set around each write.
+    The client thread that reads the socket calls it: usually the one waiting
+    for the command, the client's reader thread when no call waits. ipykernel
+    picks the cell an output belongs to from a per-thread parent header, and
+    versions differ in what a thread that is not the kernel's own gets:
+    ipykernel 7 uses the latest request, 6.29 the cell that started the thread
+    (for the reader thread, the ``%load_ext`` cell, so every live line would
+    land there). So the header of each cell is recorded when it starts and set
+    around each write.
     """
 
     def __init__(self, shell: Any) -> None:
@@ -50,8 +52,8 @@ class CellOutput:
 
     def __call__(self, engine_id: int, name: str, text: str) -> None:
         stream = sys.stderr if name == "stderr" else sys.stdout
-        # An exception here would end the client's reader thread, and with it
-        # the connection: a line that cannot be shown is logged and dropped.
+        # An exception here would reach the thread reading the client's socket:
+        # a line that cannot be shown is logged and dropped.
         try:
             reset = _set_thread_parent(stream, self.parent)
             try:
