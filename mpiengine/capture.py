@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
+import select
 import sys
 import threading
 from typing import Any, List, Optional, Tuple
@@ -20,6 +21,9 @@ try:
     _libc: Any = ctypes.CDLL(None)
 except OSError:  # pragma: no cover - no C library to flush
     _libc = None
+
+
+_CHUNK = 65536
 
 
 class FdCapture:
@@ -34,6 +38,11 @@ class FdCapture:
         self._lock = threading.Lock()
         self._targets: Optional[Tuple[Any, Any]] = None
         self._decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in (1, 2)]
+        # Most commands write nothing to fds 1 and 2: one poll says so, instead of a
+        # failing read per pipe (an exception each) at the end of every command.
+        self._poll = select.poll()
+        for r, _w in self._pipes:
+            self._poll.register(r, select.POLLIN)
 
     @property
     def read_fds(self) -> List[int]:
@@ -63,19 +72,22 @@ class FdCapture:
                 self._drain_locked(final=False)
 
     def _drain_locked(self, final: bool) -> None:
+        ready = {fd for fd, _ev in self._poll.poll(0)}
         for i, (r, _w) in enumerate(self._pipes):
             chunks = []
-            while True:
+            while r in ready:
                 try:
-                    data = os.read(r, 65536)
+                    data = os.read(r, _CHUNK)
                 except BlockingIOError:
                     break
-                if not data:
+                if data:
+                    chunks.append(data)
+                if len(data) < _CHUNK:  # the pipe is empty now (or its writers closed)
                     break
-                chunks.append(data)
-            text = self._decoders[i].decode(b"".join(chunks), final=final)
-            if text and self._targets is not None:
-                self._targets[i].write(text)
+            if chunks or final:
+                text = self._decoders[i].decode(b"".join(chunks), final=final)
+                if text and self._targets is not None:
+                    self._targets[i].write(text)
 
 
 def _flush_all() -> None:
