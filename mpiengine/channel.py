@@ -92,8 +92,9 @@ class Channel:
         self._io_lock = threading.Lock()
         sock.settimeout(0.0 if self.tls else None)
         self.sock = sock
-        self.sender = P.Sender(keys.send)
-        self.parser = P.FrameParser(keys.recv, max_message)
+        # Over TLS, frames carry no tag of their own (protocol.py says why).
+        self.sender = P.Sender(keys.send, tagged=not self.tls)
+        self.parser = P.FrameParser(keys.recv, max_message, tagged=not self.tls)
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._aside = threading.Condition(self._cond._lock)  # where the reader thread waits
@@ -252,9 +253,12 @@ class Channel:
             return self.sock.recv_into(view)
         with self._io_lock:
             try:
-                return self.sock.recv_into(view)
+                n = self.sock.recv_into(view)
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return None
+            if n and view is not self._stage:
+                n = tls.read_more(self.sock, view, n)  # a large part: many records
+            return n
 
     def _fail(self, e: BaseException) -> None:
         with self._cond:

@@ -24,6 +24,12 @@ Frame::
     tag      16 bytes: Poly1305 over everything above, keyed by HMAC(session_key, seq)
              (both ends compute it as the bytes go out and come in; it comes last)
 
+On a TLS connection frames carry no tag (``tagged=False`` at both ends): TLS
+already authenticates every record with its own sequence number, so the tag
+would check the same bytes a second time at about the cost of the transfer.
+The header's sequence number is still checked. Both ends know whether the
+connection is TLS (the client from the connection file), so they always agree.
+
 The frame ``kind`` is one of the message kinds in :data:`KINDS` below; the same
 numbers name the operations the controller sends to engines over MPI.
 """
@@ -151,6 +157,17 @@ def _frame_mac(session_key: bytes, seq: int) -> Poly1305:
     return Poly1305(_frame_key(session_key, seq))
 
 
+class _Untagged:
+    """The MAC of an untagged (TLS) connection's frames: nothing to compute."""
+
+    @staticmethod
+    def update(data: Any) -> None:
+        pass
+
+
+_UNTAGGED = _Untagged()
+
+
 def _json_default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
@@ -239,8 +256,9 @@ class Sender:
     (one part on the wire), without joining them first.
     """
 
-    def __init__(self, session_key: bytes) -> None:
+    def __init__(self, session_key: bytes, tagged: bool = True) -> None:
         self.key = session_key
+        self.tagged = tagged
         self.seq = 0
 
     def stream(self, kind: int, meta: dict, parts: Sequence[Any] = ()) -> "Outgoing":
@@ -258,6 +276,11 @@ class Sender:
         for p in parts:
             for b in (p if isinstance(p, list) else [p]):
                 pieces.append(b if isinstance(b, (bytes, bytearray)) else memoryview(b).cast("B"))
+        if not self.tagged:
+            self.seq += 1
+            if sum(sizes) + len(meta_b) <= SMALL_FRAME:
+                return Outgoing(None, [b"".join(pieces)])
+            return Outgoing(None, pieces)
         key = _frame_key(self.key, self.seq)
         self.seq += 1
         if sum(sizes) + len(meta_b) <= SMALL_FRAME:
@@ -268,7 +291,7 @@ class Sender:
     def encode(self, kind: int, meta: dict, parts: Sequence[Any] = ()) -> List[Any]:
         """Return the whole frame as chunks: header, meta, each part, tag."""
         out = self.stream(kind, meta, parts)
-        if out.mac is None:  # a small frame: one buffer, tag included
+        if out.mac is None:  # a small frame (one buffer, tag included), or untagged
             return list(out.pieces)
         for piece in out.pieces:
             out.mac.update(piece)
@@ -280,8 +303,9 @@ class Outgoing:
 
     :meth:`take` returns the next chunks (slices of large parts) after adding them
     to the MAC; the tag, last, is computed when it is reached. A sender that
-    takes, sends, and takes again overlaps the MAC with the transfer. A small
-    frame comes whole, tag included, with ``mac`` None.
+    takes, sends, and takes again overlaps the MAC with the transfer. With ``mac``
+    None, the pieces come in one take as they are: a small frame built whole (tag
+    included), or any frame of an untagged (TLS) connection.
     """
 
     def __init__(self, mac: Optional[Poly1305], pieces: List[Any]) -> None:
@@ -325,9 +349,11 @@ class FrameParser:
     :meth:`advance`. A complete, verified frame is returned by :meth:`advance`.
     """
 
-    def __init__(self, session_key: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+    def __init__(self, session_key: bytes, max_message: int = DEFAULT_MAX_MESSAGE,
+                 tagged: bool = True) -> None:
         self.key = session_key
         self.max_message = max_message
+        self.tagged = tagged
         self.seq = 0
         self._reset()
 
@@ -339,7 +365,7 @@ class FrameParser:
         self._parts: List[bytearray] = []
         self._kind = 0
         self._meta_b = b""
-        self._mac: Optional[Poly1305] = None
+        self._mac: Any = _UNTAGGED
 
     def want(self) -> memoryview:
         """Return the writable view that the next received bytes belong in."""
@@ -396,14 +422,16 @@ class FrameParser:
         lengths = struct.unpack_from(f"!{nparts}Q", data, pos + HEADER.size)
         self._check_size(sum(lengths), meta_len)
         size = body + meta_len + sum(lengths)
-        if have < size + TAG_SIZE:
+        tag_size = TAG_SIZE if self.tagged else 0
+        if have < size + tag_size:
             return None
-        signed = data[pos:pos + size]
-        tag = bytes(data[pos + size:pos + size + TAG_SIZE])
-        try:
-            Poly1305.verify_tag(_frame_key(self.key, self.seq), signed, tag)
-        except Exception:
-            raise ProtocolError("frame failed authentication") from None
+        if self.tagged:
+            signed = data[pos:pos + size]
+            tag = bytes(data[pos + size:pos + size + TAG_SIZE])
+            try:
+                Poly1305.verify_tag(_frame_key(self.key, self.seq), signed, tag)
+            except Exception:
+                raise ProtocolError("frame failed authentication") from None
         self.seq += 1
         start = pos + body
         meta = _parse_meta(bytes(data[start:start + meta_len]))
@@ -412,7 +440,7 @@ class FrameParser:
         for n in lengths:
             parts.append(bytearray(data[start:start + n]))
             start += n
-        return Frame(kind, meta, parts), size + TAG_SIZE
+        return Frame(kind, meta, parts), size + tag_size
 
     def _check_size(self, parts: int, meta_len: int) -> None:
         if parts + meta_len > self.max_message:
@@ -424,7 +452,8 @@ class FrameParser:
             magic, kind, _flags, nparts, seq, meta_len = HEADER.unpack(bytes(data))
             _check_header(magic, kind, seq, self.seq, meta_len)
             self._kind, self._meta_len, self._nparts = kind, meta_len, nparts
-            self._mac = _frame_mac(self.key, self.seq)
+            if self.tagged:
+                self._mac = _frame_mac(self.key, self.seq)
             self._mac.update(bytes(data))
             self._set(LENGTH.size * nparts, "lengths")
         elif stage == "lengths":
@@ -444,19 +473,26 @@ class FrameParser:
                 self._mac.verify(bytes(data))
             except Exception:
                 raise ProtocolError("frame failed authentication") from None
-            self.seq += 1
-            meta = _parse_meta(self._meta_b)
-            frame = Frame(self._kind, meta, self._parts)
-            self._reset()
-            return frame
+            return self._finish()
+        if self._stage == "end":  # untagged: the last part completes the frame
+            return self._finish()
         return None
+
+    def _finish(self) -> Frame:
+        self.seq += 1
+        meta = _parse_meta(self._meta_b)
+        frame = Frame(self._kind, meta, self._parts)
+        self._reset()
+        return frame
 
     def _start_part(self) -> None:
         i = len(self._parts)
         if i < len(self._lengths):
             self._set(self._lengths[i], "part")
-        else:
+        elif self.tagged:
             self._set(TAG_SIZE, "tag")
+        else:
+            self._stage = "end"
 
     def _set(self, size: int, stage: str) -> None:
         self._stage, self._buf, self._pos = stage, alloc(size), 0

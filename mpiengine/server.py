@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 from . import protocol as P
+from . import tls
 from .errors import AuthenticationError, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class Conn:
                     view = self.stage  # a small frame (or several) in one recv
             try:
                 n = self.sock.recv_into(view)
+                if n and self.tls and view is not self.stage and self.parser is not None:
+                    n = tls.read_more(self.sock, view, n)  # a large part: many records
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
                     ssl.SSLWantWriteError):
                 break
@@ -96,8 +99,10 @@ class Conn:
                 self.auth_pos += n
                 if self.auth_pos == P.AUTH_SIZE:
                     proof, keys = P.server_check_auth(self.key, self.nonce, bytes(self.auth_buf))
-                    self.parser = P.FrameParser(keys.recv, self.max_message)
-                    self.sender = P.Sender(keys.send)
+                    # Over TLS, frames carry no tag of their own (see protocol.py).
+                    self.parser = P.FrameParser(keys.recv, self.max_message,
+                                                tagged=not self.tls)
+                    self.sender = P.Sender(keys.send, tagged=not self.tls)
                     self.out.append(memoryview(proof))
             elif view is self.stage:
                 frames += self.parser.feed(self.stage[:n])

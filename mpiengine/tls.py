@@ -100,3 +100,27 @@ def wrap_client(sock: socket.socket, fingerprint: str, where: str) -> ssl.SSLSoc
         tls.close()
         raise
     return tls
+
+
+#: How much one batch of TLS reads may bring before the reader hands it on.
+READ_BATCH = 8 << 20
+
+
+def read_more(sock: ssl.SSLSocket, view: memoryview, got: int, limit: int = READ_BATCH) -> int:
+    """Keep reading into ``view`` after a read that brought ``got`` bytes; return the total.
+
+    A TLS socket hands over one record (at most 16 KiB) per ``recv``, so a large
+    part would otherwise cost a poll, a parse step and a MAC call per 16 KiB. This
+    reads on while the socket has bytes and ``view`` has room, up to ``limit``.
+    An SSL error other than "nothing to read now" is raised to the caller; an end
+    of stream stops the batch (the next read reports it).
+    """
+    while got < len(view) and got < limit:
+        try:
+            n = sock.recv_into(view[got:])
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            break
+        if not n:
+            break
+        got += n
+    return got

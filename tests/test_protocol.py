@@ -38,10 +38,11 @@ def handshake(server_key: bytes, client_key: Optional[bytes] = None
     return client_keys, server_keys
 
 
-def session() -> Tuple[P.Sender, P.FrameParser]:
-    """A client Sender and the server FrameParser that must accept its frames."""
+def session(tagged: bool = True) -> Tuple[P.Sender, P.FrameParser]:
+    """A client Sender and the server FrameParser that must accept its frames
+    (``tagged=False``: as over TLS, frames without a tag of their own)."""
     ck, sk = handshake(os.urandom(32))
-    return P.Sender(ck.send), P.FrameParser(sk.recv)
+    return P.Sender(ck.send, tagged=tagged), P.FrameParser(sk.recv, tagged=tagged)
 
 
 def wire(chunks: Sequence) -> bytes:
@@ -325,6 +326,52 @@ def test_many_frames_in_sequence_in_one_stream():
     frames = feed(parser, data, random.Random(7), max_chunk=50)
     assert [(f.kind, f.meta, [bytes(p) for p in f.parts]) for f in frames] == sent
     assert sender.seq == parser.seq == 20
+
+
+# --- untagged frames (TLS connections) ------------------------------------------------
+@pytest.mark.parametrize("parts", FRAMES)
+@pytest.mark.parametrize("max_chunk", [1, 7, 1 << 20])
+def test_untagged_frame_round_trip(parts, max_chunk):
+    sender, parser = session(tagged=False)
+    meta = {"code": "a = 1", "targets": [0, 2]}
+    data = wire(sender.encode(P.EXECUTE, meta, parts))
+    tagged = wire(session()[0].encode(P.EXECUTE, meta, parts))
+    assert len(data) == len(tagged) - P.TAG_SIZE  # the same frame, without its tag
+    (frame,) = feed(parser, data, random.Random(max_chunk), max_chunk)
+    assert (frame.kind, frame.meta) == (P.EXECUTE, meta)
+    assert [bytes(p) for p in frame.parts] == list(parts)
+
+
+def test_untagged_large_parts_and_many_frames_in_one_stream():
+    sender, parser = session(tagged=False)
+    rng = random.Random(99)
+    big = rng.randbytes(3 * 2**20)
+    sent = [(P.PUSH, {"i": 0}, [big, b""]), (P.EXECUTE, {"i": 1}, []),
+            (P.RESULT, {"i": 2}, [b"", b"x"]), (P.SCATTER, {"i": 3}, [b"y" * 5, big])]
+    chunks = [sender.encode(*f) for f in sent]
+    assert any(c is big for c in chunks[0])  # sent as it is, not copied
+    data = b"".join(wire(c) for c in chunks)
+    frames = feed(parser, data, rng, max_chunk=300_000)
+    assert [(f.kind, f.meta, [bytes(p) for p in f.parts]) for f in frames] == sent
+    assert sender.seq == parser.seq == 4
+
+
+def test_untagged_frames_still_check_their_sequence_number():
+    sender, parser = session(tagged=False)
+    first = wire(sender.encode(P.EXECUTE, {"i": 0}))
+    feed(parser, first)
+    with pytest.raises(ProtocolError, match="sequence"):
+        feed(parser, first)  # replayed
+
+
+@pytest.mark.parametrize("sender_tagged", [True, False])
+def test_ends_that_disagree_about_tags_fail_at_once(sender_tagged):
+    ck, sk = handshake(os.urandom(32))
+    sender = P.Sender(ck.send, tagged=sender_tagged)
+    parser = P.FrameParser(sk.recv, tagged=not sender_tagged)
+    data = b"".join(wire(sender.encode(P.EXECUTE, {"i": i}, [b"p" * i])) for i in range(3))
+    with pytest.raises(ProtocolError):
+        feed(parser, data)
 
 
 def test_frame_repr_hides_payload():

@@ -379,6 +379,26 @@ def test_tls_hides_what_the_proxy_sees(tls_cluster, tmp_path):
             f"mpiengine framing visible {name}"
 
 
+def test_large_arrays_cross_tls_both_ways_intact(tls_cluster):
+    """Frames of many TLS records (read in batches, without a tag of their own: TLS
+    authenticates them), in both directions, and small frames between them."""
+    np = pytest.importorskip("numpy")
+    mec = client.MultiEngineClient(tls_cluster.connection_file)
+    try:
+        a = np.random.default_rng(5).random(3 * 2**20 + 7)  # ~24 MB: many 16 KiB records
+        mec.push({"a": a})
+        assert mec.execute("s = float(a.sum())")[0]["stdout"] == ""
+        assert mec.pull("s") == [float(a.sum())] * 2
+        for got in mec.pull("a"):
+            assert np.array_equal(got, a)
+        mec.scatter("part", a)
+        assert np.array_equal(mec.gather("part"), a)
+        # The stream is still in step: small frames after the large ones.
+        assert mec.pull("s", targets=1) == [float(a.sum())]
+    finally:
+        mec.close()
+
+
 def test_without_tls_the_proxy_sees_the_marker(cluster, tmp_path):
     """The control for the test above: on loopback ``auto`` means off, and it shows."""
     assert file_info(cluster.connection_file)["tls"] is None
