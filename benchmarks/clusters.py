@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 from . import procs
 
@@ -77,8 +77,10 @@ class MpiengineCluster:
 
     framework = "mpiengine"
 
-    def __init__(self, n: int, workdir: str, name: str = "me") -> None:
+    def __init__(self, n: int, workdir: str, name: str = "me",
+                 args: Sequence[str] = ()) -> None:
         self.n = n
+        self.args = list(args)  # more options of ``serve`` (``--tls on``)
         self.workdir = Path(workdir)
         self.file = self.workdir / f"{name}.json"
         self.log = self.workdir / f"{name}.log"
@@ -90,7 +92,7 @@ class MpiengineCluster:
         from mpiengine import client
 
         cmd = [find_mpiexec(), "-n", str(self.n + 1), sys.executable, "-m", "mpiengine",
-               "serve", "--connection-file", str(self.file), "--ip", "127.0.0.1"]
+               "serve", "--connection-file", str(self.file), "--ip", "127.0.0.1", *self.args]
         if self.file.exists():
             self.file.unlink()
         LIVE.append(self)

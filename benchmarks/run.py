@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick    a smoke run: tiny sizes, 1-2 repetitions, 4 engines
     python benchmarks/run.py --memory   also: peak memory of pushing 1 GB to all engines
     python benchmarks/run.py --huge     also: a 2.5 GiB array to one engine and back
+    python benchmarks/run.py --tls      also: the same operations with TLS off and on
 
 Prints progress lines starting with '#', then one table of medians [min-max]
 with the ratios mpiengine/ipyparallel and mpiengine/floor and the issue's
@@ -30,7 +31,7 @@ if __package__ in (None, ""):
     # repository root, and do not let this directory shadow other modules.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from benchmarks import clusters, floors, lifecycle, memory, procs, report, suite  # noqa: E402
+from benchmarks import clusters, floors, lifecycle, memory, procs, report, suite, tls  # noqa: E402,E501
 from benchmarks.report import Row  # noqa: E402
 
 
@@ -74,6 +75,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
                     help="also measure peak memory of pushing 1 GB to all engines")
     ap.add_argument("--huge", action="store_true",
                     help="also push a 2.5 GiB array to one engine and pull it back")
+    ap.add_argument("--tls", action="store_true",
+                    help="also run the operations on two mpiengine clusters, TLS off and on")
     ap.add_argument("--reps", type=int, default=None,
                     help="repetitions of heavy operations (default 5; --quick 2)")
     ap.add_argument("--engines", type=int, default=4, help="engines of the main cluster")
@@ -175,9 +178,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             mem.append(memory.measure(workdir, 10**9, "push_all", log))
         if args.huge:
             mem.append(memory.measure(workdir, int(2.5 * 2**30), "huge", log))
+        with_tls = tls.measure(workdir, n, sizes, log) if args.tls else {}
         samples.update(rows=[dataclasses.asdict(r) for r in rows], memory=mem,
-                       ops=ops, starts=starts, idle=idle, scaled=scaled)
+                       ops=ops, starts=starts, idle=idle, scaled=scaled, tls=with_tls)
         print_report(rows, floor, idle, scaled, mem, time.monotonic() - t_start, args.quick)
+        if with_tls:
+            print()
+            print("\n".join(tls.describe(with_tls, sizes)))
         if args.json:
             Path(args.json).write_text(json.dumps(samples, indent=1, default=str))
     finally:

@@ -1,4 +1,4 @@
-"""The benchmark suite runs: ``python benchmarks/run.py --quick`` exits 0 with its table.
+"""The benchmark suite runs: ``python benchmarks/run.py --quick --tls`` exits 0 with its tables.
 
 No timing is asserted (CI machines are noisy); this only keeps the command
 working: every operation has its row, under the table's header. The script
@@ -76,7 +76,7 @@ def test_quick_benchmark_prints_the_table():
     reason = harness.mpi_skip_reason()
     if reason:
         pytest.skip(reason)
-    res = _run(["--quick"], timeout=120)
+    res = _run(["--quick", "--tls"], timeout=150)
     assert res.returncode == 0, res.stdout[-4000:]
     lines = res.stdout.splitlines()
     header = next((i for i, ln in enumerate(lines) if ln.startswith("operation")), None)
@@ -87,5 +87,12 @@ def test_quick_benchmark_prints_the_table():
     for row in ROWS:
         assert any(ln.startswith(row) for ln in body), f"no row for {row!r}:\n{res.stdout}"
     assert any(ln.startswith("targets met:") for ln in lines)
+    # --tls: the same operations on a cluster with TLS off and one with it on.
+    tls_head = next((i for i, ln in enumerate(lines) if ln.startswith("with TLS")), None)
+    assert tls_head is not None, f"no TLS table in:\n{res.stdout[-4000:]}"
+    tls_body = lines[tls_head + 2:]
+    for row in ROWS[:12]:  # the operations (start, idle and scaling are not repeated)
+        line = next((ln for ln in tls_body if ln.startswith(row)), None)
+        assert line is not None and "failed" not in line, f"TLS row {row!r}: {line!r}"
     if importlib.util.find_spec("ipyparallel") is None:
         assert "ipyparallel is not installed" in res.stdout
