@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from . import fabric
 from . import protocol as P
 from .doorbell import BellTower, why_ended
+from .heap import Heap
 from .server import Conn, Server
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,9 @@ class Controller:
     def __init__(self, world: fabric.World, engines: List[dict], ip: str, port: int,
                  key: bytes, max_message: int = P.DEFAULT_MAX_MESSAGE,
                  poll_cap: float = 0.01, bells: Optional[BellTower] = None,
-                 ssl_context: Any = None) -> None:
+                 ssl_context: Any = None, heap: Optional[Heap] = None) -> None:
         self.world = world
+        self.heap = heap if heap is not None else Heap(enabled=False)
         self.bells = bells
         self.engines = engines
         self.n = world.n_engines
@@ -123,8 +125,15 @@ class Controller:
                             SHUTDOWN_GRACE)
                 self.server.drain(1.0)
                 self.world.abort(4)
-            # Idle, the loop wakes only for sockets (or, with a tick, five times a second).
-            timeout = backoff.next_delay() if busy else (0.2 if self.on_tick else 1.0)
+            # Idle, the loop wakes only for sockets (or, with a tick, five times a second),
+            # and once to give free memory back.
+            if busy:
+                timeout = backoff.next_delay()
+            else:
+                timeout = 0.2 if self.on_tick else 1.0
+                release = self.heap.release_in()
+                if release is not None:
+                    timeout = min(timeout, max(release, 0.002))
             if timeout < 0.002:
                 # epoll counts whole milliseconds: sleep the short waits ourselves.
                 # Right after progress, only yield the core: the next step of a
@@ -139,6 +148,9 @@ class Controller:
                 events = self.server.poll(timeout)
             if self._progress() or events:
                 backoff.reset()
+                self.heap.busy()
+            elif not busy:
+                self.heap.release_if_due()
         self.server.drain(5.0)
         self.server.shutdown()
         if self.bells is not None:

@@ -42,6 +42,7 @@ from .capture import FdCapture
 from .doorbell import DEEP_SLEEP, Alarm, Bell
 from . import protocol as P
 from .engine import Command, Engine
+from .heap import Heap
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,12 @@ LISTENER_SLEEP = 60.0
 
 class EngineRank:
     def __init__(self, world: fabric.World, engine: Engine, bell: Bell,
-                 idle_cap: float = 0.02) -> None:
+                 idle_cap: float = 0.02, heap: Optional[Heap] = None) -> None:
         self.world = world
         self.engine = engine
         self.bell = bell
         self.idle_cap = idle_cap
+        self.heap = heap if heap is not None else Heap(enabled=False)
         self.alarm = Alarm()
         self.ready: Deque[Optional[Command]] = collections.deque()  # None: shut down
         self._ctl_out: Deque[bytes] = collections.deque()
@@ -115,6 +117,7 @@ class EngineRank:
                     finally:
                         self.busy = False
                         self.alarm.disarm()
+                        self.heap.busy()
                 except KeyboardInterrupt:
                     # An interrupt that arrived just after user code ended: nothing to stop.
                     continue
@@ -237,6 +240,9 @@ class EngineRank:
             # the listener, and the timeout is a safety net.
             if self._quiet() and self.bell.connected:
                 delay = DEEP_SLEEP
+                release = self.heap.release_in() if still_mine is None else None
+                if release is not None:  # the main thread gives free memory back
+                    delay = min(delay, release)
             else:
                 delay = self._backoff.next_delay()
                 if self._stream:  # wake in time for the next chunk of live output
@@ -244,6 +250,8 @@ class EngineRank:
                     delay = max(0.0, min(delay, due - time.monotonic()))
         if self.bell.sleep(delay):
             self._backoff.reset()
+        elif still_mine is None:
+            self.heap.release_if_due()
 
     def _quiet(self) -> bool:
         """Nothing in flight, nothing to send, and every header we were rung for in."""

@@ -25,6 +25,7 @@ from .controller import Controller
 from .doorbell import Bell, BellTower
 from .engine import Engine
 from .enginerank import EngineRank
+from .heap import Heap
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def _engine(world: fabric.World, opts: ServeOptions) -> int:
     bell.connect(addresses, tower["port"], tower["token"], engine.id)
     _report_exits(bell)
     try:
-        EngineRank(world, engine, bell, idle_cap=opts.idle_cap).run()
+        EngineRank(world, engine, bell, idle_cap=opts.idle_cap, heap=Heap()).run()
     finally:
         bell.close()
     return 0
@@ -137,7 +138,7 @@ def _controller(world: fabric.World, opts: ServeOptions) -> int:
         ssl_context = tls.server_context(cert, cert_key)
         tls_info = {"fingerprint": fingerprint}
     ctl = Controller(world, engines, ip, opts.port, bytes.fromhex(key), opts.max_message,
-                     bells=tower, ssl_context=ssl_context)
+                     bells=tower, ssl_context=ssl_context, heap=Heap())
     info = connection.ConnectionInfo(ip=_advertised(ip), port=ctl.address[1], key=key,
                                      n_engines=world.n_engines, profile=opts.profile,
                                      tls=tls_info, max_message=opts.max_message)
