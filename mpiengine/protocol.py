@@ -1,9 +1,9 @@
 """The wire format between a client and the controller: one table, one screen.
 
 A connection starts with a mutual challenge-response handshake, then carries
-frames. Every frame is authenticated with a one-time key derived from the
-per-connection session key and the frame's sequence number, so a recorded frame
-replayed on the same or on another connection fails its check. Nothing in a
+frames. Every frame is authenticated with the per-connection session key and the
+frame's sequence number, so a recorded frame replayed on the same or on another
+connection fails its check. Nothing in a
 frame is parsed (let alone unpickled) before its tag has been verified; sizes
 are checked before anything is read.
 
@@ -21,8 +21,9 @@ Frame::
     lengths  nparts x u64                      (length of each opaque part)
     meta     meta_len bytes of JSON            (small, never user objects)
     parts    the opaque parts (pickles and raw array buffers)
-    tag      16 bytes: Poly1305 over everything above, keyed by HMAC(session_key, seq)
-             (both ends compute it as the bytes go out and come in; it comes last)
+    tag      16 bytes: GMAC over everything above (AES-256-GCM with nothing to encrypt:
+             key = the session key, nonce = 4 zero bytes | seq u64, the bytes as
+             associated data); both ends compute it as the bytes go out and come in
 
 On a TLS connection frames carry no tag (``tagged=False`` at both ends): TLS
 already authenticates every record with its own sequence number, so the tag
@@ -42,12 +43,13 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
-from cryptography.hazmat.primitives.poly1305 import Poly1305
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import AuthenticationError, ProtocolError
 from .payload import alloc
 
-VERSION = 1
+VERSION = 2
 MAGIC = b"MPE1"
 HELLO_MAGIC = b"MPEH"
 HEADER = struct.Struct("!4sBBHQI")
@@ -148,13 +150,33 @@ def client_check_proof(key: bytes, nonce_s: bytes, nonce_c: bytes, proof: bytes)
                        recv=_mac(key, b"s2c", nonce_s, nonce_c))
 
 
-def _frame_key(session_key: bytes, seq: int) -> bytes:
-    # A fresh one-time Poly1305 key per frame: HMAC(session key, seq).
-    return _mac(session_key, LENGTH.pack(seq))
+_NONCE = struct.Struct("!4xQ")
 
 
-def _frame_mac(session_key: bytes, seq: int) -> Poly1305:
-    return Poly1305(_frame_key(session_key, seq))
+class _Gmac:
+    """A frame's tag as its bytes go by: GMAC, i.e. AES-GCM with nothing to encrypt
+    and the bytes as associated data. The nonce is the frame's sequence number: one
+    per frame, never repeated under a session key (each direction has its own)."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, aes: algorithms.AES, seq: int) -> None:
+        self._ctx = Cipher(aes, modes.GCM(_NONCE.pack(seq))).encryptor()
+
+    def update(self, data: Any) -> None:
+        self._ctx.authenticate_additional_data(data)
+
+    def finalize(self) -> bytes:
+        self._ctx.finalize()
+        return self._ctx.tag
+
+    def verify(self, tag: bytes) -> None:
+        if not hmac.compare_digest(self.finalize(), tag):
+            raise ValueError("tag mismatch")
+
+
+def _frame_mac(session_key: bytes, seq: int) -> _Gmac:
+    return _Gmac(algorithms.AES(session_key), seq)
 
 
 class _Untagged:
@@ -260,6 +282,8 @@ class Sender:
         self.key = session_key
         self.tagged = tagged
         self.seq = 0
+        self._aes = algorithms.AES(session_key)
+        self._gcm = AESGCM(session_key)
 
     def stream(self, kind: int, meta: dict, parts: Sequence[Any] = ()) -> "Outgoing":
         """Return the frame as an :class:`Outgoing`, whose MAC is computed as it is sent."""
@@ -281,12 +305,12 @@ class Sender:
             if sum(sizes) + len(meta_b) <= SMALL_FRAME:
                 return Outgoing(None, [b"".join(pieces)])
             return Outgoing(None, pieces)
-        key = _frame_key(self.key, self.seq)
+        seq = self.seq
         self.seq += 1
         if sum(sizes) + len(meta_b) <= SMALL_FRAME:
             body = b"".join(pieces)
-            return Outgoing(None, [body + Poly1305.generate_tag(key, body)])
-        return Outgoing(Poly1305(key), pieces)
+            return Outgoing(None, [body + self._gcm.encrypt(_NONCE.pack(seq), b"", body)])
+        return Outgoing(_Gmac(self._aes, seq), pieces)
 
     def encode(self, kind: int, meta: dict, parts: Sequence[Any] = ()) -> List[Any]:
         """Return the whole frame as chunks: header, meta, each part, tag."""
@@ -308,7 +332,7 @@ class Outgoing:
     included), or any frame of an untagged (TLS) connection.
     """
 
-    def __init__(self, mac: Optional[Poly1305], pieces: List[Any]) -> None:
+    def __init__(self, mac: Optional[_Gmac], pieces: List[Any]) -> None:
         self.mac = mac
         self.pieces = pieces
         self._i = 0       # next piece
@@ -355,6 +379,8 @@ class FrameParser:
         self.max_message = max_message
         self.tagged = tagged
         self.seq = 0
+        self._aes = algorithms.AES(session_key)
+        self._gcm = AESGCM(session_key)
         self._reset()
 
     def _reset(self) -> None:
@@ -429,7 +455,7 @@ class FrameParser:
             signed = data[pos:pos + size]
             tag = bytes(data[pos + size:pos + size + TAG_SIZE])
             try:
-                Poly1305.verify_tag(_frame_key(self.key, self.seq), signed, tag)
+                self._gcm.decrypt(_NONCE.pack(self.seq), tag, signed)
             except Exception:
                 raise ProtocolError("frame failed authentication") from None
         self.seq += 1
@@ -453,7 +479,7 @@ class FrameParser:
             _check_header(magic, kind, seq, self.seq, meta_len)
             self._kind, self._meta_len, self._nparts = kind, meta_len, nparts
             if self.tagged:
-                self._mac = _frame_mac(self.key, self.seq)
+                self._mac = _Gmac(self._aes, self.seq)
             self._mac.update(bytes(data))
             self._set(LENGTH.size * nparts, "lengths")
         elif stage == "lengths":
