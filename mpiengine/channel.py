@@ -25,6 +25,7 @@ from . import protocol as P
 from . import tls
 from .connection import ConnectionInfo
 from .errors import AuthenticationError, ClusterLost, ConnectError, ProtocolError
+from .recycle import Recycler
 
 log = logging.getLogger(__name__)
 _IOV_MAX = 512
@@ -94,7 +95,11 @@ class Channel:
         self.sock = sock
         # Over TLS, frames carry no tag of their own (protocol.py says why).
         self.sender = P.Sender(keys.send, tagged=not self.tls)
-        self.parser = P.FrameParser(keys.recv, max_message, tagged=not self.tls)
+        # Large parts are received into buffers that are reused once their arrays
+        # are gone (recycle.py).
+        self.recycler = Recycler()
+        self.parser = P.FrameParser(keys.recv, max_message, tagged=not self.tls,
+                                    alloc=self.recycler.alloc)
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._aside = threading.Condition(self._cond._lock)  # where the reader thread waits
@@ -182,11 +187,13 @@ class Channel:
                         self._aside.wait(STAND_ASIDE)
                     self._reading = True
                 try:
-                    self._read_some(None)
+                    # Asleep until bytes come, or until kept buffers are due to go back.
+                    self._read_some(self.recycler.release_in())
                 finally:
                     with self._cond:
                         self._reading = False
                         self._cond.notify_all()
+                self.recycler.release_if_due()
         except BaseException as e:  # noqa: B902 - every way out must wake the waiters
             self._fail(self._lost_note() or e)
 

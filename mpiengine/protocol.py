@@ -41,7 +41,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -374,10 +374,11 @@ class FrameParser:
     """
 
     def __init__(self, session_key: bytes, max_message: int = DEFAULT_MAX_MESSAGE,
-                 tagged: bool = True) -> None:
+                 tagged: bool = True, alloc: Callable[[int], Any] = alloc) -> None:
         self.key = session_key
         self.max_message = max_message
         self.tagged = tagged
+        self._alloc = alloc  # the buffers each stage, and each part, is received into
         self.seq = 0
         self._aes = algorithms.AES(session_key)
         self._gcm = AESGCM(session_key)
@@ -521,4 +522,4 @@ class FrameParser:
             self._stage = "end"
 
     def _set(self, size: int, stage: str) -> None:
-        self._stage, self._buf, self._pos = stage, alloc(size), 0
+        self._stage, self._buf, self._pos = stage, self._alloc(size), 0
