@@ -127,7 +127,7 @@ class Channel:
     def request(self, kind: int, meta: dict, parts: List[Any] = ()) -> int:
         """Send a request; return its number, which its reply will carry."""
         self._check()
-        size = sum(memoryview(p).nbytes for p in parts)
+        size = sum(P.part_size(p) for p in parts)
         if size > self.limit:
             raise ValueError(f"this request carries {size} bytes; the cluster takes at most "
                              f"{self.limit} per message (serve --max-message-size)")

@@ -391,11 +391,12 @@ class MultiEngineClient:
         n = min(len(s) for s in seqs)
         _, ids = self._targets(targets)
         data, buffers = payload.dumps(func)
-        pieces = [[list(s[a:b]) for s in seqs] for a, b in partition.bounds(n, len(ids))]
+        pieces = [[partition.map_piece(s, a, b) for s in seqs]
+                  for a, b in partition.bounds(n, len(ids))]
         blobs = [_inband(p) for p in pieces]
         counts = [len(b) for b in blobs]
         return self._submit(P.APPLY, targets, block, timeout, {"kind": "pickle", "counts": counts},
-                            [data, *buffers, b"".join(blobs)], finish=partition.join)
+                            [data, *buffers, blobs], finish=partition.join)
 
     def mapper(self, dist: str = "b", targets: Targets = None,
                block: Optional[bool] = None) -> "Mapper":

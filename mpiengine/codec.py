@@ -58,7 +58,7 @@ def _scatter_payload(seq: Any, k: int, what: str) -> Tuple[dict, List[Any], List
         meta = {"kind": "array", "dtype": arr.dtype.str, "shape": list(arr.shape[1:])}
         return meta, [memoryview(arr).cast("B")], counts
     blobs = [_inband(p) for p in partition.split(seq, k)]
-    return {"kind": "pickle"}, [b"".join(blobs)], [len(b) for b in blobs]
+    return {"kind": "pickle"}, [blobs], [len(b) for b in blobs]  # one part, not joined
 
 
 def _raise_refusal(frame: P.Frame) -> None:

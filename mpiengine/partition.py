@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, List, Sequence, Tuple
 
-__all__ = ["bounds", "split", "join", "is_array"]
+__all__ = ["bounds", "split", "map_piece", "join", "is_array"]
 
 
 def bounds(n: int, k: int) -> List[Tuple[int, int]]:
@@ -53,7 +53,16 @@ def split(seq: Sequence, k: int) -> List[Any]:
     pieces = [seq[a:b] for a, b in bounds(len(seq), k)]
     if is_array(seq):
         return pieces
-    return [list(p) for p in pieces]
+    # A list's slices are new lists already: copying them again costs as much again.
+    return [p if type(p) is list else list(p) for p in pieces]
+
+
+def map_piece(seq: Sequence, start: int, stop: int) -> Any:
+    """``seq[start:stop]`` for ``map``: a list's slice (a new list already) and a
+    range's (a range: a few bytes to send, however long) as they come; other
+    sequences as lists."""
+    piece = seq[start:stop]
+    return piece if type(piece) in (list, range) else list(piece)
 
 
 def join(pieces: List[Any]) -> Any:

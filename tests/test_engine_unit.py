@@ -286,7 +286,9 @@ def test_a_result_that_cannot_be_pickled_is_an_error_record(eng):
 def scatter(engines: List[Engine], name: str, seq: Any) -> List[dict]:
     """Scatter ``seq`` over ``engines`` exactly as client.scatter + the controller do."""
     meta, parts, counts = client._scatter_payload(seq, len(engines), "scatter")
-    blob = bytes(memoryview(parts[-1]).cast("B"))
+    last = parts[-1]  # a part given as a list of buffers goes as their concatenation
+    blob = b"".join(bytes(memoryview(b).cast("B")) for b in
+                    (last if isinstance(last, list) else [last]))
     meta = dict(meta, name=name, counts=counts)
     replies, pos = [], 0
     for e, c in zip(engines, counts):
@@ -408,7 +410,8 @@ def map_on(es: List[Engine], func: Any, *seqs: Any) -> List[dict]:
     seqs = tuple(partition.as_sequence(s, "map") for s in seqs)
     n = min(len(s) for s in seqs)
     data, buffers = payload.dumps(func)
-    pieces = [[list(s[a:b]) for s in seqs] for a, b in partition.bounds(n, len(es))]
+    pieces = [[partition.map_piece(s, a, b) for s in seqs]
+              for a, b in partition.bounds(n, len(es))]
     blobs = [client._inband(p) for p in pieces]
     meta = {"kind": "pickle", "counts": [len(b) for b in blobs]}
     return [run(e, P.APPLY, meta, [data, *buffers], piece=b) for e, b in zip(es, blobs)]

@@ -143,3 +143,25 @@ def test_split_refuses_non_sequences():
         partition.split(42, 2)
     with pytest.raises(TypeError):
         partition.split(None, 2)
+
+
+@pytest.mark.parametrize("seq", [list(range(10)), tuple(range(10)), range(10),
+                                 list("abcdefghij")])
+def test_split_gives_new_plain_lists_whatever_the_sequence(seq):
+    pieces = partition.split(seq, 3)
+    assert [type(p) for p in pieces] == [list] * 3
+    assert [x for p in pieces for x in p] == list(seq)
+    if isinstance(seq, list):
+        pieces[0].append("changed")  # the caller's list is not one of the pieces
+        assert len(seq) == 10
+
+
+def test_map_pieces_keep_lists_and_ranges_and_turn_the_rest_into_lists():
+    r = partition.map_piece(range(0, 100, 3), 2, 5)
+    assert r == range(6, 15, 3) and type(r) is range
+    lst = [0, 1, 2, 3]
+    got = partition.map_piece(lst, 1, 3)
+    assert got == [1, 2] and type(got) is list and got is not lst
+    assert partition.map_piece((0, 1, 2, 3), 1, 3) == [1, 2]
+    arr = partition.map_piece(np.arange(4.0), 1, 3)
+    assert type(arr) is list and arr == [1.0, 2.0]
