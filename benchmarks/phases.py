@@ -7,7 +7,7 @@ seconds while
 
 - the client's own steps are timed by wrapping the package's functions in this
   process (pickling, frame encoding with its MAC, socket send, waiting for the
-  reply, the reader thread's frame parsing with its MAC check, unpickling);
+  reply, the frame parsing with its MAC check inside that wait, unpickling);
 - ``py-spy record`` (if installed: ``pip install py-spy``) samples the
   controller and engine 0; their busiest lines (self time, CPU only) are shown
   in milliseconds per operation.
@@ -91,10 +91,11 @@ def instrument() -> Clock:
     clock = Clock()
     clock.wrap(payload, "dumps", "pickle (payload.dumps)")
     clock.wrap(codec, "_scatter_payload", "split + pickle pieces (_scatter_payload)")
-    clock.wrap(protocol.Sender, "encode", "encode frame + MAC (Sender.encode)")
+    clock.wrap(protocol.Outgoing, "take", "frame slices + MAC (Outgoing.take)")
     clock.wrap(channel.Channel, "_sendv", "socket send (Channel._sendv)")
     clock.wrap(channel.Channel, "wait", "wait for the reply (Channel.wait)")
-    clock.wrap(protocol.FrameParser, "advance", "[reader] parse + MAC check (FrameParser.advance)")
+    clock.wrap(protocol.FrameParser, "advance",
+               "[in the wait] parse + MAC check (FrameParser.advance)")
     clock.wrap(codec, "_decode", "decode reply (client._decode)")
     clock.wrap(payload, "unpack", "unpickle (payload.unpack)")
     clock.wrap(partition, "join", "join pieces (partition.join)")
@@ -332,7 +333,7 @@ def _main(args: argparse.Namespace, np: Any) -> int:
             count = len(times)
             med = sorted(times)[count // 2]
             print(f"\n== {name}: {count} calls, median {med * 1e3:.1f} ms")
-            print("client (ms per call; the reader thread overlaps the wait):")
+            print("client (ms per call; '[in the wait]' is part of the wait):")
             for label, total in sorted(clock.total.items(), key=lambda kv: -kv[1]):
                 print(f"  {total / count * 1e3:8.2f}  {label}")
             for who, path in files.items():
