@@ -3,9 +3,8 @@
 A connection starts with a mutual challenge-response handshake, then carries
 frames. Every frame is authenticated with the per-connection session key and the
 frame's sequence number, so a recorded frame replayed on the same or on another
-connection fails its check. Nothing in a
-frame is parsed (let alone unpickled) before its tag has been verified; sizes
-are checked before anything is read.
+connection fails its check. Nothing in a frame is parsed (let alone unpickled)
+before its tag has been verified; sizes are checked before anything is read.
 
 Handshake (all fixed sizes; ``key`` is the per-job secret of the connection file)::
 
