@@ -73,14 +73,14 @@ def _num(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _cell(xs: Sequence[float], unit: str, note: str) -> str:
+def cell(xs: Sequence[float], unit: str, note: str) -> str:
     if not xs:
         return note or "-"
     k = UNITS[unit]
     return f"{_num(_median(xs) * k)} [{_num(min(xs) * k)}-{_num(max(xs) * k)}]"
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     if a is None or b is None or b <= 0:
         return None
     return a / b
@@ -112,14 +112,14 @@ def verdicts(rows: List[Row]) -> Dict[str, Optional[bool]]:
         checks = []
         for kind, bound in TARGETS.get(row.key, []):
             if kind == "ipp":
-                value = _ratio(row.me_median, row.ipp_median)
+                value = ratio(row.me_median, row.ipp_median)
             elif kind == "floor":
-                value = _ratio(row.me_median, row.floor)
+                value = ratio(row.me_median, row.floor)
             elif kind == "abs":
                 value = row.me_median
             else:
                 ref = by_key.get(kind[4:])
-                value = _ratio(row.me_median, ref.me_median if ref else None)
+                value = ratio(row.me_median, ref.me_median if ref else None)
             checks.append(None if value is None else value <= bound)
         if checks:
             out[row.key] = None if None in checks else all(checks)
@@ -131,11 +131,11 @@ def table(rows: List[Row]) -> str:
     lines = [HEADER]
     for r in rows:
         k = UNITS[r.unit]
-        ri = _ratio(r.me_median, r.ipp_median)
-        rf = _ratio(r.me_median, r.floor)
+        ri = ratio(r.me_median, r.ipp_median)
+        rf = ratio(r.me_median, r.floor)
         verdict = {True: "yes", False: "NO", None: "n/a"}[met[r.key]] if r.key in met else "-"
         lines.append((
-            r.label, r.unit, _cell(r.me, r.unit, r.me_note), _cell(r.ipp, r.unit, r.ipp_note),
+            r.label, r.unit, cell(r.me, r.unit, r.me_note), cell(r.ipp, r.unit, r.ipp_note),
             _num(r.floor * k) if r.floor is not None else "-",
             f"{ri:.3g}" if ri is not None else "-", f"{rf:.3g}" if rf is not None else "-",
             _target_text(r.key, r.unit), verdict))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List
 
-from . import clusters, suite
+from . import clusters, report, suite
 
 MODES = {"tls off": ["--tls", "off"], "tls on": ["--tls", "on"]}
 
@@ -34,24 +34,14 @@ def measure(workdir: str, n: int, sizes: suite.Sizes,
 
 def describe(results: Dict[str, Dict[str, List[float]]], sizes: suite.Sizes) -> List[str]:
     """The table: medians [min-max] with TLS off and on, and on/off."""
-    lines = [f"{'with TLS (--tls on) against without':<45}  {'tls off median [min-max]':<26}"
+    lines = [f"{'with TLS (--tls on) against without, ms':<45}  {'tls off median [min-max]':<26}"
              f"  {'tls on median [min-max]':<26}  on/off",
              f"{'-' * 45}  {'-' * 26}  {'-' * 26}  ------"]
     for op in suite.ops(sizes):
         got = results.get(op.key, {})
         off, on = got.get("tls off", []), got.get("tls on", [])
-        ratio = (f"{suite.median(on) / suite.median(off):.2f}"
-                 if off and on and suite.median(off) else "-")
-        lines.append(f"{op.label:<45}  {_cell(off):<26}  {_cell(on):<26}  {ratio}")
+        r = report.ratio(suite.median(on), suite.median(off))
+        lines.append(f"{op.label:<45}  {report.cell(off, 'ms', 'failed'):<26}  "
+                     f"{report.cell(on, 'ms', 'failed'):<26}  "
+                     f"{'-' if r is None else f'{r:.2f}'}")
     return lines
-
-
-def _cell(xs: List[float]) -> str:
-    if not xs:
-        return "failed"
-    ms = [x * 1e3 for x in xs]
-    return f"{_g(suite.median(xs) * 1e3)} ms [{_g(min(ms))}-{_g(max(ms))}]"
-
-
-def _g(x: float) -> str:
-    return f"{x:.3g}"
