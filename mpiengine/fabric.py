@@ -33,9 +33,11 @@ time, done by the controller and the engines of that set right after its header.
 """
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import struct
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -56,6 +58,23 @@ INLINE_REPLY = 64 * 1024
 TAG_ENVELOPE, TAG_META, TAG_DATA = 0, 1, 2
 
 Requests = List[Any]
+
+#: ``os._exit`` as it is before the runtime has engines report their exits.
+_exit = os._exit
+
+
+def _ended_by_abort(code: int) -> None:
+    """End this process after ``MPI_Abort`` returned.
+
+    MPICH's returns once it has told the launcher, which ends the job a moment
+    later: whatever the caller did in between (an engine's reply to the command
+    that aborted) would look as if the abort had not happened."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    _exit(code if 0 < code < 256 else 1)
 
 
 class Backoff:
@@ -150,7 +169,19 @@ class World:
         return self.world.bcast(obj, root=0)
 
     def abort(self, code: int = 1) -> None:
+        """End the whole job; never returns."""
         self.world.Abort(code)
+        _ended_by_abort(code)
+
+    def report_aborts(self, before: Callable[[str, int], None]) -> None:
+        """Have user code's ``comm.Abort(code)`` and ``MPI.COMM_WORLD.Abort(code)``
+        call ``before(name, code)`` first, and never return (engine ranks only).
+
+        ``MPI.COMM_WORLD`` becomes an object of :class:`WorldComm` for the same
+        communicator; the runtime keeps using its own reference."""
+        _Reporting.before_abort = before
+        if not isinstance(MPI.COMM_WORLD, WorldComm):
+            MPI.COMM_WORLD = WorldComm(self.world)
 
     def processor_name(self) -> str:
         try:
@@ -283,7 +314,28 @@ class World:
                 self.rep.Isend([d, MPI.BYTE], dest=0, tag=TAG_DATA)], [envelope, meta, data]
 
 
-class EngineComm(MPI.Intracomm):
+class _Reporting:
+    """An ``Abort`` that lets the runtime say why first, and never returns."""
+
+    #: Called as ``before_abort(name, errorcode)`` just before ``Abort`` ends the job.
+    before_abort: Optional[Callable[[str, int], None]] = None
+    #: How user code calls this communicator.
+    calls = "comm"
+
+    def Abort(self, errorcode: int = 0) -> None:  # noqa: N802 - mpi4py's name
+        if _Reporting.before_abort is not None:
+            _Reporting.before_abort(self.calls, errorcode)
+        super().Abort(errorcode)  # mpi4py's (the next class in the MRO)
+        _ended_by_abort(errorcode)
+
+
+class WorldComm(_Reporting, MPI.Intracomm):
+    """``MPI.COMM_WORLD`` as user code sees it on an engine: mpi4py's, but for ``Abort``."""
+
+    calls = "MPI.COMM_WORLD"
+
+
+class EngineComm(_Reporting, MPI.Intracomm):
     """The engines' communicator handed to user code as ``comm``.
 
     mpi4py's object reductions (``allreduce``, ``reduce``, ``scan``, ``exscan``
@@ -292,17 +344,9 @@ class EngineComm(MPI.Intracomm):
     commands to other engines stuck behind it. These four are done here with
     gathers, which wait without the GIL, and the reduction applied locally in rank
     order (as MPI does for predefined operations; ``op`` must be associative).
-    ``Abort`` first calls :attr:`before_abort` (the runtime has the engine say why
-    it ends). Everything else is mpi4py's own.
+    ``Abort`` first lets the runtime say why the engine ends (see
+    :meth:`World.report_aborts`). Everything else is mpi4py's own.
     """
-
-    #: Called with the error code just before ``Abort`` ends the job.
-    before_abort: Optional[Callable[[int], None]] = None
-
-    def Abort(self, errorcode: int = 0) -> None:  # noqa: N802 - mpi4py's name
-        if EngineComm.before_abort is not None:
-            EngineComm.before_abort(errorcode)
-        super().Abort(errorcode)
 
     def allreduce(self, sendobj: Any, op: Any = MPI.SUM) -> Any:
         return _fold(op, self.allgather(sendobj))

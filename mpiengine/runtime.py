@@ -86,7 +86,7 @@ def _engine(world: fabric.World, opts: ServeOptions) -> int:
     if engine.host == tower["host"]:
         addresses = ["127.0.0.1"] + addresses
     bell.connect(addresses, tower["port"], tower["token"], engine.id)
-    _report_exits(bell)
+    _report_exits(world, bell)
     try:
         EngineRank(world, engine, bell, idle_cap=opts.idle_cap, heap=Heap()).run()
     finally:
@@ -94,13 +94,12 @@ def _engine(world: fabric.World, opts: ServeOptions) -> int:
     return 0
 
 
-def _report_exits(bell: Bell) -> None:
-    """Have ``os._exit`` and ``comm.Abort`` in user code tell the controller before
-    this engine ends. A forked child that calls ``os._exit`` (multiprocessing does)
-    just exits."""
+def _report_exits(world: fabric.World, bell: Bell) -> None:
+    """Have ``os._exit``, ``comm.Abort`` and ``MPI.COMM_WORLD.Abort`` in user code
+    tell the controller before this engine ends. A forked child that calls
+    ``os._exit`` (multiprocessing does) just exits."""
     real_exit, me = os._exit, os.getpid()
-    fabric.EngineComm.before_abort = lambda code: bell.last_words(
-        f"it called comm.Abort({code})")
+    world.report_aborts(lambda name, code: bell.last_words(f"it called {name}.Abort({code})"))
 
     def _exit(status: int) -> None:
         if os.getpid() == me:

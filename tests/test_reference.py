@@ -543,6 +543,12 @@ def test_comm_between_engines(mec):
     assert mec.pull("s") == [6, 6, 6, 6]
     mec.execute("r, n = comm.rank, comm.size")
     assert mec.pull(("r", "n")) == [[0, 4], [1, 4], [2, 4], [3, 4]]
+    # MPI.COMM_WORLD is the job's (its Abort says why first): rank 0 is the controller.
+    mec.execute("from mpi4py import MPI\n"
+                "w = MPI.COMM_WORLD\n"
+                "wr, wn, same = w.Get_rank(), w.size, w == MPI.Intracomm(MPI.COMM_WORLD)")
+    assert mec.pull(("wr", "wn", "same")) == [[1, 5, True], [2, 5, True], [3, 5, True],
+                                              [4, 5, True]]
 
 
 def test_keys_and_reset(mec):
