@@ -5,6 +5,7 @@ call has waited for a while, the reader thread reads what comes unasked.
 """
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from typing import Any, Callable, List, Optional, Tuple
@@ -84,19 +85,26 @@ def events_of(chan: C.Channel) -> List[Tuple[Any, str]]:
 
 
 def test_a_waiting_call_reads_its_own_reply(fake):
+    """After the first call (which the reader thread may serve: it was reading), the
+    calls read for themselves: the events before their replies come in this thread.
+
+    Only a pause of STAND_ASIDE between two calls lets the reader thread take the
+    next one, by design; a loaded machine can stall this thread that long now and
+    then (it did in CI), so a few are allowed. Handing every reply over fails."""
     chan = fake.channel()
     seen = events_of(chan)
+    gc.disable()  # a full collection in a long pytest run is such a pause
     try:
         time.sleep(C.STAND_ASIDE + 0.2)  # the reader thread is reading by now
         for n in range(20):
             frame = chan.wait(chan.request(P.PING, {"n": n}), 5)
             assert frame.meta["n"] == n
-        # After the first call (which the reader thread may have served), the calls
-        # read for themselves: the events before their replies came in this thread.
         me = threading.current_thread().name
         assert [note for note, _ in seen] == list(range(20))
-        assert all(thread == me for _, thread in seen[1:]), seen
+        handed = [note for note, thread in seen[1:] if thread != me]
+        assert len(handed) <= 3, seen
     finally:
+        gc.enable()
         chan.close()
 
 
