@@ -99,7 +99,12 @@ def _report_exits(world: fabric.World, bell: Bell) -> None:
     tell the controller before this engine ends. A forked child that calls
     ``os._exit`` (multiprocessing does) just exits."""
     real_exit, me = os._exit, os.getpid()
-    world.report_aborts(lambda name, code: bell.last_words(f"it called {name}.Abort({code})"))
+
+    def _aborting(name: str, code: int) -> None:
+        if os.getpid() == me:
+            bell.last_words(f"it called {name}.Abort({code})")
+
+    world.report_aborts(_aborting)
 
     def _exit(status: int) -> None:
         if os.getpid() == me:
