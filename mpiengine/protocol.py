@@ -300,17 +300,13 @@ class Sender:
         for p in parts:
             for b in (p if isinstance(p, list) else [p]):
                 pieces.append(b if isinstance(b, (bytes, bytearray)) else memoryview(b).cast("B"))
-        if not self.tagged:
-            self.seq += 1
-            if sum(sizes) + len(meta_b) <= SMALL_FRAME:
-                return Outgoing(None, [b"".join(pieces)])
-            return Outgoing(None, pieces)
         seq = self.seq
         self.seq += 1
-        if sum(sizes) + len(meta_b) <= SMALL_FRAME:
+        if sum(sizes) + len(meta_b) <= SMALL_FRAME:  # one buffer, tag included
             body = b"".join(pieces)
-            return Outgoing(None, [body + self._gcm.encrypt(_NONCE.pack(seq), b"", body)])
-        return Outgoing(_Gmac(self._aes, seq), pieces)
+            tag = self._gcm.encrypt(_NONCE.pack(seq), b"", body) if self.tagged else b""
+            return Outgoing(None, [body + tag])
+        return Outgoing(_Gmac(self._aes, seq) if self.tagged else None, pieces)
 
     def encode(self, kind: int, meta: dict, parts: Sequence[Any] = ()) -> List[Any]:
         """Return the whole frame as chunks: header, meta, each part, tag."""
@@ -375,7 +371,6 @@ class FrameParser:
 
     def __init__(self, session_key: bytes, max_message: int = DEFAULT_MAX_MESSAGE,
                  tagged: bool = True, alloc: Callable[[int], Any] = alloc) -> None:
-        self.key = session_key
         self.max_message = max_message
         self.tagged = tagged
         self._alloc = alloc  # the buffers each stage, and each part, is received into

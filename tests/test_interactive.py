@@ -19,13 +19,12 @@ from typing import Any, List, Tuple
 
 import pytest
 
-pytest.importorskip("IPython")
-from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+from IPython.core.interactiveshell import InteractiveShell
 
-import harness  # noqa: E402
-from mpiengine import client, magics  # noqa: E402
-from mpiengine.errors import CompositeError  # noqa: E402
-from mpiengine.results import PendingResult, ResultList  # noqa: E402
+import harness
+from mpiengine import client, magics
+from mpiengine.errors import CompositeError
+from mpiengine.results import PendingResult, ResultList
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(60)]
 

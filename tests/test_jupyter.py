@@ -19,10 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-pytest.importorskip("ipykernel")
-jupyter_client = pytest.importorskip("jupyter_client")
-
-import harness  # noqa: E402
+import harness
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(90)]
 
@@ -220,8 +217,8 @@ def test_interrupting_the_kernel_interrupts_the_engines(kernel):
 
 
 def test_the_example_notebook_runs(cluster, tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    import nbclient
+    import nbformat
     nb = nbformat.read(str(NOTEBOOK), as_version=4)
     runner = nbclient.NotebookClient(nb, timeout=60, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})

@@ -11,13 +11,12 @@ from typing import Any, List, Sequence
 
 import pytest
 
-pytest.importorskip("IPython")
-from IPython.core.error import UsageError  # noqa: E402
-from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
 
-from mpiengine import display, magics, notebook  # noqa: E402
-from mpiengine.errors import CompositeError, ConnectError, ErrorRecord  # noqa: E402
-from mpiengine.results import PendingResult, ResultList  # noqa: E402
+from mpiengine import display, magics, notebook
+from mpiengine.errors import CompositeError, ConnectError, ErrorRecord
+from mpiengine.results import PendingResult, ResultList
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -272,7 +272,7 @@ def test_large_part_in_random_chunks():
 
 
 def test_non_bytes_parts_are_sent_without_copy_and_by_byte_length():
-    np = pytest.importorskip("numpy")
+    import numpy as np
     sender, parser = session()
     rows = P.SMALL_FRAME // 32 + 1  # a frame too large to be joined into one buffer
     arr = np.arange(rows * 4, dtype=np.float64).reshape(rows, 4)
@@ -285,7 +285,7 @@ def test_non_bytes_parts_are_sent_without_copy_and_by_byte_length():
 
 
 def test_a_small_frame_is_one_buffer_with_its_tag_and_reads_the_same():
-    np = pytest.importorskip("numpy")
+    import numpy as np
     sender, parser = session()
     arr = np.arange(12, dtype=np.float64).reshape(3, 4)
     chunks = sender.encode(P.PUSH, {"a": 1}, [arr, [memoryview(b"x"), b"yz"], b""])
@@ -307,7 +307,7 @@ def test_whole_frames_and_a_partial_one_in_one_read():
 
 
 def test_a_part_given_as_a_list_of_buffers_is_their_concatenation_without_a_copy():
-    np = pytest.importorskip("numpy")
+    import numpy as np
     sender, parser = session()
     n = P.SMALL_FRAME // 8 + 1  # a frame too large to be joined into one buffer
     pieces = [np.arange(n, dtype=np.float64), memoryview(b"ab"), b"", bytearray(b"cde")]
